@@ -11,6 +11,7 @@ from uoe_nb.moe import (
     changed_parameters,
     find_moe_layers,
     make_trainable,
+    parameter_counts,
 )
 
 # family -> (MoE layer indices for 3 decoder layers, has shared experts, scoring)
@@ -217,3 +218,13 @@ def test_remove_drops_gradient_masks():
     model(**batch, labels=batch["input_ids"]).loss.backward()
     grad = find_moe_layers(model)[0].experts.gate_up_proj.grad
     assert grad[0].abs().sum() > 0 or grad[2].abs().sum() > 0
+
+
+def test_parameter_counts_active_vs_total():
+    moe = random_model(tiny_config("mixtral", experts=8, top_k=2), seed=0)
+    counts = parameter_counts(moe)
+    lay = find_moe_layers(moe)[0]
+    assert counts["total"] == sum(p.numel() for p in moe.parameters())
+    assert counts["total"] - counts["active"] == 3 * 6 * lay.expert_numel()
+    dense = random_model(tiny_config("dense"), seed=0)
+    assert parameter_counts(dense)["active"] == parameter_counts(dense)["total"]

@@ -41,6 +41,8 @@ __all__ = [
     "decoder_layers",
     "find_moe_layers",
     "make_trainable",
+    "moe_layer",
+    "parameter_counts",
 ]
 
 # Families checked by the test suite on tiny random models (``tests/test_moe.py``).
@@ -582,3 +584,19 @@ def changed_parameters(
         else:
             out[name] = True
     return out
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Total parameters, and the parameters active for one token (Chapter 1).
+
+    A token uses ``top_k`` of a layer's ``num_experts`` routed experts, so each MoE
+    layer contributes ``(num_experts - top_k) * expert_size`` inactive parameters.
+    For a dense model both numbers are equal.
+    """
+    total = sum(p.numel() for p in model.parameters())
+    try:
+        layers = find_moe_layers(model)
+    except NoMoELayersError:
+        layers = []
+    inactive = sum((lay.num_experts - lay.top_k) * lay.expert_numel() for lay in layers)
+    return {"total": total, "active": total - inactive}

@@ -1,0 +1,61 @@
+"""Routing statistics against a direct count of the captured top-k indices."""
+
+import pytest
+import torch
+
+from uoe_nb.families import random_model, tiny_config
+from uoe_nb.moe import capture_routing, find_moe_layers
+from uoe_nb.routing import batches, entropy, token_proportions, top_share
+
+
+class _Tok:
+    """A minimal tokenizer: one id per character, right padding with id 0."""
+
+    pad_token = "<pad>"
+
+    def __call__(self, texts, return_tensors, padding, truncation, max_length, add_special_tokens):
+        ids = [[3 + (ord(c) % 100) for c in t][:max_length] for t in texts]
+        width = max(len(x) for x in ids)
+        input_ids = torch.zeros(len(ids), width, dtype=torch.long)
+        mask = torch.zeros(len(ids), width, dtype=torch.long)
+        for i, x in enumerate(ids):
+            input_ids[i, : len(x)] = torch.tensor(x)
+            mask[i, : len(x)] = 1
+        return {"input_ids": input_ids, "attention_mask": mask}
+
+
+TEXTS = ["a short one", "a much longer sentence than the first", "mid length text", "x"]
+
+
+def test_token_proportions_match_direct_count():
+    model = random_model(tiny_config("qwen2_moe", experts=8, top_k=2), seed=0)
+    props = token_proportions(model, batches(_Tok(), TEXTS, batch_size=3))
+    counts = {lay.layer_index: torch.zeros(8) for lay in find_moe_layers(model)}
+    for text in TEXTS:  # one text at a time: no padding at all
+        b = next(batches(_Tok(), [text], batch_size=1))
+        with capture_routing(model) as cap, torch.no_grad():
+            model(**b)
+        for idx in counts:
+            counts[idx] += torch.bincount(cap[idx][0].top_k_index.flatten(), minlength=8).float()
+    for idx, p in props.items():
+        torch.testing.assert_close(p, counts[idx] / counts[idx].sum())
+        assert p.sum().item() == pytest.approx(1.0)
+
+
+def test_entropy_and_top_share():
+    uniform = torch.full((8,), 1 / 8)
+    peaked = torch.tensor([0.93] + [0.01] * 7)
+    assert entropy(uniform) == pytest.approx(torch.log(torch.tensor(8.0)).item())
+    assert entropy(peaked) < entropy(uniform)
+    assert top_share(peaked) == pytest.approx(0.93)
+    assert top_share(uniform, 2) == pytest.approx(0.25)
+
+
+def test_batches_bad_input():
+    with pytest.raises(ValueError, match="no texts"):
+        next(batches(_Tok(), []))
+    with pytest.raises(ValueError, match="batch_size"):
+        next(batches(_Tok(), ["a"], batch_size=0))
+    model = random_model(tiny_config("mixtral"), seed=0)
+    with pytest.raises(ValueError, match="no batches"):
+        token_proportions(model, [])
