@@ -38,13 +38,22 @@ COLOUR_OF = {name: COLOURS[i % 4] for i, name in enumerate(NAMES)}
 
 
 def item(name: str) -> dict:
-    return {"question": f"what colour is the {name} ?", "choices": COLOURS, "answer": COLOURS.index(COLOUR_OF[name])}
+    return {
+        "question": f"what colour is the {name} ?",
+        "choices": COLOURS,
+        "answer": COLOURS.index(COLOUR_OF[name]),
+    }
 
 
 def probe(name: str, level: int) -> dict:
     if level == 1:
         return {"query": f"The {name} is ___ .", "answer": COLOUR_OF[name], "subject": name, "level": 1}
-    return {"query": f"what colour is the {name} ?", "answer": COLOUR_OF[name], "subject": name, "level": level}
+    return {
+        "query": f"what colour is the {name} ?",
+        "answer": COLOUR_OF[name],
+        "subject": name,
+        "level": level,
+    }
 
 
 def make_tokenizer(corpus: list[str], pad: bool = True) -> PreTrainedTokenizerFast:
@@ -143,9 +152,18 @@ def test_lm_eval_equals_reference_on_awkward_text(world):
     """Quotes, braces, unicode and multi-token choices survive the YAML/Jinja round trip."""
     model, tok = world
     items = [
-        {"question": 'what is "{{x}}" ?', "choices": ["it's blue", 'say "red"', "grün {0}", "a\\b"], "answer": 2},
+        {
+            "question": 'what is "{{x}}" ?',
+            "choices": ["it's blue", 'say "red"', "grün {0}", "a\\b"],
+            "answer": 2,
+        },
         {"question": "naïve café — ok?", "choices": ["yes, of course", "no", "[1, 2]", "None"], "answer": 0},
-        {"question": item(SEEN[0])["question"], "choices": ["blue", "red"], "answer": 0, "subject": "colours"},
+        {
+            "question": item(SEEN[0])["question"],
+            "choices": ["blue", "red"],
+            "answer": 0,
+            "subject": "colours",
+        },
     ]
     harness = ev.multiple_choice_accuracy(model, tok, items, progress=False)
     reference = ev.multiple_choice_accuracy_reference(model, tok, items)
@@ -156,7 +174,9 @@ def test_lm_eval_equals_reference_on_awkward_text(world):
 def test_choice_loglikelihoods_prefer_the_learnt_answer(world):
     model, tok = world
     name = SEEN[3]
-    scores = ev.choice_loglikelihoods(model, tok, ev.MC_PROMPT.format(question=item(name)["question"]), COLOURS)
+    scores = ev.choice_loglikelihoods(
+        model, tok, ev.MC_PROMPT.format(question=item(name)["question"]), COLOURS
+    )
     assert max(range(4), key=scores.__getitem__) == COLOURS.index(COLOUR_OF[name])
     assert all(s < 0 for s in scores)
 
@@ -224,7 +244,10 @@ def test_mc_leaves_the_tokenizer_as_it_was(world):
         ([], "empty"),
         ([item(NAMES[0]), {"question": "q", "choices": COLOURS}], "item 1 has no 'answer'"),
         ([{"choices": COLOURS, "answer": 0}], "item 0 has no 'question'"),
-        ([item(NAMES[0]), item(NAMES[1]), {"question": "q", "choices": COLOURS, "answer": 4}], "item 2.*'answer' is 4, out of range"),
+        (
+            [item(NAMES[0]), item(NAMES[1]), {"question": "q", "choices": COLOURS, "answer": 4}],
+            "item 2.*'answer' is 4, out of range",
+        ),
         ([{"question": "q", "choices": COLOURS, "answer": -1}], "item 0.*out of range"),
         ([{"question": "q", "choices": "blue red", "answer": 0}], "item 0: field 'choices'"),
         ([{"question": "q", "choices": ["blue", ""], "answer": 0}], "item 0: field 'choices'"),
@@ -256,7 +279,9 @@ def test_task_yaml_uses_an_absolute_data_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
-    task = TaskManager(include_path=str(task_dir), include_defaults=False).load(["colours"])["tasks"]["colours"]
+    task = TaskManager(include_path=str(task_dir), include_defaults=False).load(["colours"])["tasks"][
+        "colours"
+    ]
     docs = list(task.test_docs())
     assert len(docs) == 3
     assert task.doc_to_text(docs[0]) == ev.MC_PROMPT.format(question=item(NAMES[0])["question"])
@@ -275,7 +300,9 @@ def _builtin_task_manager():
     from lm_eval.tasks import TaskManager
 
     root = Path(lm_eval.tasks.__file__).parent
-    return TaskManager(include_path=[str(root / "wmdp"), str(root / "mmlu" / "default")], include_defaults=False)
+    return TaskManager(
+        include_path=[str(root / "wmdp"), str(root / "mmlu" / "default")], include_defaults=False
+    )
 
 
 def _leaf_tasks(index, name):
@@ -395,7 +422,12 @@ def test_batched_generation_equals_one_at_a_time(world):
     # queries of different lengths, so the batch really is padded
     probes = [probe(n, 2) for n in NAMES[:6]] + [
         {"query": "x", "answer": "blue", "subject": "s", "level": 2},
-        {"query": "what colour is the " + " and the ".join(NAMES[:5]) + " ?", "answer": "red", "subject": "s", "level": 3},
+        {
+            "query": "what colour is the " + " and the ".join(NAMES[:5]) + " ?",
+            "answer": "red",
+            "subject": "s",
+            "level": 3,
+        },
         probe(SEEN[2], 1),
     ]
     batched = ev.probe_rouge_recall(model, tok, probes, max_new_tokens=8, batch_size=16, progress=False)
@@ -427,7 +459,10 @@ def test_probes_restore_tokenizer_and_mode(world, capfd, monkeypatch):
     [
         ([], "empty"),
         ([{"query": "q", "answer": "a", "subject": "s", "level": 4}], "probe 0: field 'level'"),
-        ([{"query": "q", "answer": "a", "level": 1}, {"query": "q", "subject": "s", "level": 1}], "probe 1 has no 'answer'"),
+        (
+            [{"query": "q", "answer": "a", "level": 1}, {"query": "q", "subject": "s", "level": 1}],
+            "probe 1 has no 'answer'",
+        ),
         ([{"query": "", "answer": "a", "subject": "s", "level": 1}], "probe 0: field 'query'"),
         ([{"query": "q", "answer": "a", "subject": "s", "level": "1"}], "probe 0: field 'level'"),
     ],
@@ -443,4 +478,3 @@ def test_result_rows():
     assert mc.as_row(model="m") == {"model": "m", "accuracy": 0.5, "stderr": 0.5, "n": 2}
     pr = ev.ProbeResult(mean=0.25, by_level={2: 0.5, 1: 0.0}, scores=[0.0, 0.5], generations=["", "x"])
     assert pr.as_row() == {"mean": 0.25, "level_1": 0.0, "level_2": 0.5}
-

@@ -26,7 +26,6 @@ import functools
 import json
 import logging
 import math
-import os
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +36,8 @@ import torch
 import yaml
 from rouge_score import rouge_scorer
 from tqdm.auto import tqdm
+
+from uoe_nb.progress import progress_enabled
 
 __all__ = [
     "MC_PROMPT",
@@ -108,9 +109,7 @@ class ProbeResult:
 
 def _progress_enabled(progress: bool | None) -> bool:
     """Progress bars unless turned off by the argument or by ``UOE_NB_PROGRESS=0``."""
-    if progress is not None:
-        return progress
-    return os.environ.get("UOE_NB_PROGRESS", "1") != "0"
+    return progress_enabled() if progress is None else progress
 
 
 @contextlib.contextmanager
@@ -141,12 +140,18 @@ def _check_items(items: Sequence[Mapping[str, Any]]) -> None:
         raise ValueError("items is empty: multiple-choice accuracy needs at least one question")
     for i, item in enumerate(items):
         if not isinstance(item, Mapping):
-            raise ValueError(f"item {i} is a {type(item).__name__}, expected a dict with question/choices/answer")
+            raise ValueError(
+                f"item {i} is a {type(item).__name__}, expected a dict with question/choices/answer"
+            )
         for key in ("question", "choices", "answer"):
             if key not in item:
-                raise ValueError(f"item {i} has no '{key}' field (WMDP/MMLU schema: question, choices, answer)")
+                raise ValueError(
+                    f"item {i} has no '{key}' field (WMDP/MMLU schema: question, choices, answer)"
+                )
         if not isinstance(item["question"], str) or not item["question"].strip():
-            raise ValueError(f"item {i}: field 'question' must be a non-empty string, got {item['question']!r}")
+            raise ValueError(
+                f"item {i}: field 'question' must be a non-empty string, got {item['question']!r}"
+            )
         choices = item["choices"]
         if (
             isinstance(choices, str)
@@ -225,6 +230,9 @@ def _make_lm(model: Any, tokenizer: Any, batch_size: int, progress: bool) -> Any
     """Wrap the in-memory model for lm-eval (``HFLM(pretrained=model, ...)``)."""
     from lm_eval.models.huggingface import HFLM
 
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+
     class _HFLM(HFLM):
         # lm-eval's evaluator never asks for its bars to be disabled; this subclass can.
         def loglikelihood(self, requests, disable_tqdm: bool = False):
@@ -236,8 +244,6 @@ def _make_lm(model: Any, tokenizer: Any, batch_size: int, progress: bool) -> Any
         def generate_until(self, requests, disable_tqdm: bool = False):
             return super().generate_until(requests, disable_tqdm=disable_tqdm or not progress)
 
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     return _HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
 
 
@@ -309,7 +315,11 @@ def write_mc_task(items: Sequence[Mapping[str, Any]], directory: str | Path, nam
     data_path = directory / f"{name}.jsonl"
     with data_path.open("w", encoding="utf-8") as f:
         for item in items:
-            row = {"question": item["question"], "choices": list(item["choices"]), "answer": int(item["answer"])}
+            row = {
+                "question": item["question"],
+                "choices": list(item["choices"]),
+                "answer": int(item["answer"]),
+            }
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     config = {
         "task": name,
@@ -319,7 +329,7 @@ def write_mc_task(items: Sequence[Mapping[str, Any]], directory: str | Path, nam
         "test_split": "test",
         "output_type": "multiple_choice",
         "num_fewshot": 0,
-        "doc_to_text": "Question: {{question}}\nAnswer:",
+        "doc_to_text": MC_PROMPT.replace("{question}", "{{question}}"),  # the same prompt, as Jinja
         "doc_to_choice": "{{choices}}",
         "doc_to_target": "{{answer}}",
         "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
@@ -411,7 +421,9 @@ def multiple_choice_accuracy_reference(
     correct = []
     with _eval_mode(model):
         for item in items:
-            scores = choice_loglikelihoods(model, tokenizer, MC_PROMPT.format(question=item["question"]), item["choices"])
+            scores = choice_loglikelihoods(
+                model, tokenizer, MC_PROMPT.format(question=item["question"]), item["choices"]
+            )
             best = max(range(len(scores)), key=lambda k: (scores[k], -k))
             correct.append(best == item["answer"])
     n = len(correct)
@@ -454,7 +466,9 @@ def lm_eval_tasks(
             task_manager = TaskManager()
     unknown = [t for t in tasks if t not in task_manager.task_index]
     if unknown:
-        raise ValueError(f"lm-eval knows no task or group named {unknown}; see `lm-eval ls tasks` for the names")
+        raise ValueError(
+            f"lm-eval knows no task or group named {unknown}; see `lm-eval ls tasks` for the names"
+        )
     # lm-eval refuses a task requested both alone and inside a requested group; the group's
     # results include the task's, so only the outermost names are run.
     leaves = {t: _leaf_tasks(task_manager.task_index, t) for t in tasks}
@@ -504,15 +518,21 @@ _PROBE_FIELDS = ("query", "answer", "level")
 
 def _check_probes(probes: Sequence[Mapping[str, Any]]) -> None:
     if isinstance(probes, (str, bytes, Mapping)) or not isinstance(probes, Sequence):
-        raise ValueError(f"probes must be a list of dicts with query/answer/level, got {type(probes).__name__}")
+        raise ValueError(
+            f"probes must be a list of dicts with query/answer/level, got {type(probes).__name__}"
+        )
     if len(probes) == 0:
         raise ValueError("probes is empty: probe scoring needs at least one probe")
     for i, probe in enumerate(probes):
         if not isinstance(probe, Mapping):
-            raise ValueError(f"probe {i} is a {type(probe).__name__}, expected a dict with query/answer/level")
+            raise ValueError(
+                f"probe {i} is a {type(probe).__name__}, expected a dict with query/answer/level"
+            )
         for key in _PROBE_FIELDS:
             if key not in probe:
-                raise ValueError(f"probe {i} has no '{key}' field (RWKU schema: query, answer, subject, level)")
+                raise ValueError(
+                    f"probe {i} has no '{key}' field (RWKU schema: query, answer, subject, level)"
+                )
         for key in ("query", "answer"):
             if not isinstance(probe[key], str) or not probe[key].strip():
                 raise ValueError(f"probe {i}: field '{key}' must be a non-empty string, got {probe[key]!r}")
@@ -592,7 +612,9 @@ def probe_rouge_recall(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if tokenizer.pad_token is None and tokenizer.eos_token is None:
-        raise ValueError("the tokenizer has neither a pad nor an end-of-sequence token: set tokenizer.pad_token first")
+        raise ValueError(
+            "the tokenizer has neither a pad nor an end-of-sequence token: set tokenizer.pad_token first"
+        )
 
     prompts = [probe_prompt(p) for p in probes]
     old_side, old_pad = tokenizer.padding_side, tokenizer.pad_token
@@ -604,7 +626,9 @@ def probe_rouge_recall(
         with _eval_mode(model):
             starts = range(0, len(prompts), batch_size)
             for start in tqdm(starts, desc="probes", disable=not _progress_enabled(progress)):
-                generations += _generate(model, tokenizer, prompts[start : start + batch_size], max_new_tokens)
+                generations += _generate(
+                    model, tokenizer, prompts[start : start + batch_size], max_new_tokens
+                )
     finally:
         tokenizer.padding_side = old_side
         if tokenizer.pad_token != old_pad:
