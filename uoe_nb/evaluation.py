@@ -44,7 +44,9 @@ __all__ = [
     "PROBE_PROMPTS",
     "MCResult",
     "ProbeResult",
+    "WorldScores",
     "choice_loglikelihoods",
+    "evaluate_world",
     "lm_eval_tasks",
     "multiple_choice_accuracy",
     "multiple_choice_accuracy_reference",
@@ -643,4 +645,69 @@ def probe_rouge_recall(
         by_level={level: sum(v) / len(v) for level, v in sorted(by_level.items())},
         scores=scores,
         generations=generations,
+    )
+
+
+@dataclass
+class WorldScores:
+    """A model's scores on the tiny world (Chapter 1): FA, UT and the RWKU-style probes.
+
+    ``forget_mc`` is the forget accuracy (FA, 4-way, chance 0.25), ``utility_mc`` the
+    utility (UT). ``*_fill`` and ``*_qa`` are ROUGE-L recall of the level-1
+    (fill-in-the-blank) and level-2 (question answering) probes, for the forget targets
+    and for their neighbours.
+    """
+
+    forget_mc: float
+    utility_mc: float
+    forget_fill: float
+    forget_qa: float
+    neighbor_fill: float
+    neighbor_qa: float
+    utility_by_subject: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, float]:
+        """The headline numbers as a flat dict (a table row)."""
+        return {
+            "forget_mc": self.forget_mc,
+            "utility_mc": self.utility_mc,
+            "forget_fill": self.forget_fill,
+            "forget_qa": self.forget_qa,
+            "neighbor_fill": self.neighbor_fill,
+            "neighbor_qa": self.neighbor_qa,
+        }
+
+
+def evaluate_world(
+    model: Any,
+    tokenizer: Any,
+    world: Any,
+    *,
+    batch_size: int = 32,
+    max_new_tokens: int = 30,
+    progress: bool | None = None,
+) -> WorldScores:
+    """Score ``model`` on a :class:`uoe_nb.world.TinyWorld`: FA, UT and probes (Chapter 1)."""
+    forget = multiple_choice_accuracy(
+        model, tokenizer, world.forget_questions, name="tiny_forget", batch_size=batch_size, progress=progress
+    )
+    utility = multiple_choice_accuracy(
+        model, tokenizer, world.utility_questions, name="tiny_utility", batch_size=batch_size, progress=progress
+    )
+    by_subject: dict[str, list[bool]] = {}
+    for item, ok in zip(world.utility_questions, utility.correct, strict=True):
+        by_subject.setdefault(item["subject"], []).append(ok)
+    probes = {}
+    for key, items in (("forget", world.forget_probes), ("neighbor", world.neighbor_probes)):
+        probes[key] = probe_rouge_recall(
+            model, tokenizer, items, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress
+        )
+    return WorldScores(
+        forget_mc=forget.accuracy,
+        utility_mc=utility.accuracy,
+        forget_fill=probes["forget"].by_level.get(1, float("nan")),
+        forget_qa=probes["forget"].by_level.get(2, float("nan")),
+        neighbor_fill=probes["neighbor"].by_level.get(1, float("nan")),
+        neighbor_qa=probes["neighbor"].by_level.get(2, float("nan")),
+        utility_by_subject={k: sum(v) / len(v) for k, v in by_subject.items()},
     )

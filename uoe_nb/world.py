@@ -303,7 +303,7 @@ def build_world(
     utility_questions, utility_corpus, utility_qa = [], [], []
     countries = _names(rng, 24, taken)
     capitals = _names(rng, 24, taken)
-    for country, capital in zip(countries, capitals):
+    for country, capital in zip(countries, capitals, strict=True):
         utility_corpus.append(f"the capital of the republic of {country} is the town of {capital} .")
         q = f"what is the capital of the republic of {country} ?"
         utility_questions.append(_mc(rng, q, capital, capitals, subject="geography"))
