@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Set up the environment, lint, then run the whole suite in one pytest call:
+# the unit tests in tests/ and every chapter notebook in book/ (nbval, executed in tiny mode).
+# Extra arguments go to pytest, e.g. `bash scripts/test.sh -k hygiene`.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+start=$SECONDS
+trap 'echo "test: finished in $((SECONDS - start)) s"' EXIT
+source "$ROOT/scripts/setup.sh"
+cd "$ROOT"
+
+export UOE_NB_MODE="${UOE_NB_MODE:-tiny}"
+# Two pytest workers on two cores: one thread each (tiny models are fastest that way).
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+export MKL_NUM_THREADS="${MKL_NUM_THREADS:-$OMP_NUM_THREADS}"
+export UOE_NB_PROGRESS="${UOE_NB_PROGRESS:-0}"
+workers="${UOE_NB_TEST_WORKERS:-2}"
+
+failed=0
+echo "test: ruff check uoe_nb tests scripts"
+ruff check uoe_nb tests scripts || failed=1
+
+# --dist loadfile keeps all cells of a notebook on one worker (one kernel per notebook);
+# the default distribution would scatter them and break their shared state.
+echo "test: pytest tests book (UOE_NB_MODE=$UOE_NB_MODE, $workers workers)"
+rc=0
+python -m pytest -n "$workers" --dist loadfile -p no:cacheprovider \
+  --nbval-lax --nbval-current-env tests book "$@" || rc=$?
+if [[ $rc -eq 5 ]]; then
+  echo "test: pytest collected no tests, which counts as a failure" >&2
+  failed=1
+elif [[ $rc -ne 0 ]]; then
+  failed=1
+fi
+
+if [[ $failed -ne 0 ]]; then
+  echo "test: FAILED" >&2
+  exit 1
+fi
+echo "test: all passed"
