@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
 
 from .families import random_model, tiny_config
 from .moe import NoMoELayersError, find_moe_layers
@@ -300,8 +301,14 @@ def load_zoo_model(name: str, *, directory: str | os.PathLike | None = None):
             f"zoo model {name!r} was built from a different tiny world (fingerprint "
             f"{manifest['world_fingerprint']} != {expected}); rebuild it with `python -m uoe_nb.zoo build`"
         )
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a one-second load needs no progress bar
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
     return model.eval(), tokenizer
 
 
