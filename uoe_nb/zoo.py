@@ -312,6 +312,27 @@ def load_zoo_model(name: str, *, directory: str | os.PathLike | None = None):
     return model.eval(), tokenizer
 
 
+def report(names: Sequence[str] | None = None) -> str:
+    """A Markdown table of every zoo model's parameters and tiny-world scores."""
+    from .evaluation import evaluate_world
+    from .moe import parameter_counts
+
+    world = build_world(WORLD_SEED)
+    lines = [
+        "| model | parameters (active) | FA (forget MC) | UT (utility MC) | forget fill / QA | neighbour fill / QA |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in names or list(ZOO):
+        model, tok = load_zoo_model(name)
+        counts = parameter_counts(model)
+        s = evaluate_world(model, tok, world)
+        lines.append(
+            f"| `{name}` | {counts['total']:,} ({counts['active']:,}) | {s.forget_mc:.3f} | {s.utility_mc:.3f} "
+            f"| {s.forget_fill:.2f} / {s.forget_qa:.2f} | {s.neighbor_fill:.2f} / {s.neighbor_qa:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m uoe_nb.zoo", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -320,8 +341,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     b.add_argument("--out", default=None, help="output directory (default: the packaged zoo)")
     b.add_argument("--jobs", type=int, default=2)
     b.add_argument("--steps", type=int, default=None)
+    r = sub.add_parser("report", help="evaluate the zoo models and print a Markdown table")
+    r.add_argument("names", nargs="*", help="models to evaluate (default: all)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
+    if args.command == "report":
+        print(report(args.names or None))  # noqa: T201 - the command's output
+        return
     start = time.perf_counter()
     for m in build_zoo(args.out, args.names or None, jobs=args.jobs, steps=args.steps):
         log.info("%s: %d parameters, final loss %.3f, %.0f s", m["name"], m["parameters"], m["final_loss"],
