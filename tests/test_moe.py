@@ -228,3 +228,64 @@ def test_parameter_counts_active_vs_total():
     assert counts["total"] - counts["active"] == 3 * 6 * lay.expert_numel()
     dense = random_model(tiny_config("dense"), seed=0)
     assert parameter_counts(dense)["active"] == parameter_counts(dense)["total"]
+
+
+class _RemoteStyleBlock(torch.nn.Module):
+    """A remote-code style MoE block: a Linear ``gate`` and an ``experts`` ModuleList."""
+
+    def __init__(self, hidden=16, experts=4, top_k=2):
+        super().__init__()
+        self.top_k = top_k
+        self.gate = torch.nn.Linear(hidden, experts, bias=False)
+        self.experts = torch.nn.ModuleList(torch.nn.Linear(hidden, hidden) for _ in range(experts))
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        scores = torch.softmax(self.gate(flat), -1)
+        w, idx = torch.topk(scores, self.top_k, -1)
+        out = torch.zeros_like(flat)
+        for k in range(self.top_k):
+            for e, expert in enumerate(self.experts):
+                sel = idx[:, k] == e
+                if sel.any():
+                    out[sel] += w[sel, k, None] * expert(flat[sel])
+        return out.reshape(x.shape)
+
+
+class _RemoteStyleModel(torch.nn.Module):
+    def __init__(self, vocab=50, hidden=16):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, hidden)
+        self.layers = torch.nn.ModuleList(
+            [torch.nn.Linear(hidden, hidden), _RemoteStyleBlock(hidden), _RemoteStyleBlock(hidden)]
+        )
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.embed(input_ids)
+        for layer in self.layers:
+            h = h + layer(h)
+        return h
+
+
+def test_remote_code_style_per_expert_modules():
+    torch.manual_seed(0)
+    model = _RemoteStyleModel()
+    layers = find_moe_layers(model)
+    assert [lay.layer_index for lay in layers] == [1, 2]
+    assert all(not lay.fused and lay.num_experts == 4 and lay.top_k == 2 for lay in layers)
+    ids = torch.randint(0, 50, (2, 5))
+    with capture_routing(model) as cap, torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    rec = cap[1][0]
+    assert torch.all(rec.selected().sum(-1) == 2)
+    # Applied weights are the top-2 softmax scores, as the block computes them.
+    top = torch.topk(rec.scores, 2, -1)
+    torch.testing.assert_close(rec.weights.gather(-1, top.indices), top.values)
+    sel = make_trainable(model, {2: [3]})
+    assert sel.num_trainable == sum(p.numel() for p in model.layers[2].experts[3].parameters())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW(sel.param_groups(0.1), lr=0.1)
+    model(input_ids=ids).pow(2).mean().backward()
+    opt.step()
+    changed = {k for k in before if not torch.equal(before[k], model.state_dict()[k])}
+    assert changed and all(k.startswith("layers.2.experts.3.") for k in changed)

@@ -401,7 +401,7 @@ def capture_routing(
                 scores = torch.sigmoid(logits)
             else:
                 scores = torch.softmax(logits, dim=-1)
-            if dense is None:  # pragma: no cover - every supported family returns weights
+            if dense is None:  # a router that returns only logits (remote-code style)
                 index = torch.topk(scores, layer.top_k, dim=-1).indices.reshape(-1, layer.top_k)
                 dense = torch.zeros_like(scores.reshape(-1, scores.shape[-1])).scatter(
                     -1, index, scores.reshape(-1, scores.shape[-1]).gather(-1, index)
