@@ -274,3 +274,61 @@ def test_make_patch_bad_input(unlearned):
     partial.pop("lm_head.weight")
     with pytest.raises(ValueError, match="lacks"):
         make_patch(partial, model, metadata={"base_model": "m", "method": "ga"})
+
+
+class _ModuleExpertsBlock(torch.nn.Module):
+    """A remote-code style MoE block: a Linear ``gate`` and one module per expert."""
+
+    def __init__(self, hidden=16, experts=4, top_k=2):
+        super().__init__()
+        self.top_k = top_k
+        self.gate = torch.nn.Linear(hidden, experts, bias=False)
+        self.experts = torch.nn.ModuleList(torch.nn.Linear(hidden, hidden) for _ in range(experts))
+
+    def forward(self, x):
+        scores = torch.softmax(self.gate(x), -1)
+        w, idx = torch.topk(scores, self.top_k, -1)
+        out = torch.zeros_like(x)
+        for k in range(self.top_k):
+            for e, expert in enumerate(self.experts):
+                sel = idx[..., k] == e
+                out[sel] += w[..., k][sel, None] * expert(x[sel])
+        return out
+
+
+class _ModuleExpertsModel(torch.nn.Module):
+    def __init__(self, vocab=50, hidden=16):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, hidden)
+        self.layers = torch.nn.ModuleList([_ModuleExpertsBlock(hidden), _ModuleExpertsBlock(hidden)])
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.embed(input_ids)
+        for layer in self.layers:
+            h = h + layer(h)
+        return h
+
+
+def test_patch_on_per_expert_modules():
+    torch.manual_seed(0)
+    model = _ModuleExpertsModel()
+    base = _snapshot(model)
+    selection = make_trainable(model, {1: [2]})
+    optimizer = torch.optim.SGD(selection.parameters(), lr=0.5)
+    model(torch.randint(0, 50, (4, 8))).pow(2).mean().backward()
+    optimizer.step()
+    assert not torch.equal(model.layers[1].experts[2].weight, base["layers.1.experts.2.weight"])
+    patch = make_patch(base, model, metadata={"base_model": "toy", "method": "sgd"}, experts={1: [2, 3]})
+    # Whole tensors of the declared experts' modules, even expert 3 which did not change.
+    assert sorted(patch.entries) == [f"layers.1.experts.{e}.{p}" for e in (2, 3) for p in ("bias", "weight")]
+    assert all(e.rows is None for e in patch.entries.values())
+    assert patch.info.experts == {1: [2, 3]}
+    target = _snapshot(model)
+    torch.manual_seed(0)
+    fresh = _ModuleExpertsModel()
+    apply_patch(fresh, patch)
+    assert all(torch.equal(v, target[k]) for k, v in fresh.state_dict().items())
+    revert_patch(fresh, patch)
+    assert all(torch.equal(v, base[k]) for k, v in fresh.state_dict().items())
+    with pytest.raises(ValueError, match="outside the declared"):
+        make_patch(base, model, metadata={"base_model": "toy", "method": "sgd"}, experts={1: [0]})

@@ -411,7 +411,7 @@ def make_patch(
             on_device = index.to(p.device)
             entries[name] = PatchEntry(name, p[on_device].cpu().clone(), ref[on_device].cpu().clone(), index)
             stored_experts.setdefault(layer_index, set()).update(rows)
-        elif name in changed or name in extra:
+        elif name in changed or name in extra or _declared_module_expert(name, expert_of, declared):
             entries[name] = PatchEntry(name, p.cpu().clone(), ref.cpu().clone())
             if name in expert_of:
                 layer_index, e = expert_of[name]
@@ -442,6 +442,16 @@ def make_patch(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     return Patch(entries=entries, info=info)
+
+
+def _declared_module_expert(
+    name: str, expert_of: Mapping[str, tuple[int, int]], declared: Mapping[int, list[int]] | None
+) -> bool:
+    """Whether ``name`` belongs to a declared expert stored as its own module (not fused)."""
+    if declared is None or name not in expert_of:
+        return False
+    layer_index, expert = expert_of[name]
+    return expert in declared.get(layer_index, [])
 
 
 # --------------------------------------------------------------------------------------
