@@ -274,6 +274,11 @@ def test_make_patch_bad_input(unlearned):
     partial.pop("lm_head.weight")
     with pytest.raises(ValueError, match="lacks"):
         make_patch(partial, model, metadata={"base_model": "m", "method": "ga"})
+    # Extra entries in the snapshot (e.g. saved optimiser tensors) do not change the base fingerprint.
+    padded = dict(base, **{"extra.tensor": torch.zeros(2)})
+    assert make_patch(padded, model, metadata={"base_model": "m", "method": "ga"}).info.base_fingerprint == (
+        fingerprint(base)
+    )
 
 
 class _ModuleExpertsBlock(torch.nn.Module):

@@ -430,7 +430,7 @@ def make_patch(
     known = {"base_model", "method", "layer", "expert", "config", "metrics"}
     info = PatchInfo(
         base_model=metadata["base_model"],
-        base_fingerprint=fingerprint(base_state),
+        base_fingerprint=fingerprint({k: base_state[k] for k in state}),  # extra snapshot keys ignored
         patched_fingerprint=fingerprint(model),
         method=metadata["method"],
         layer=None if layer is None else int(layer),
