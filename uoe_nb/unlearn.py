@@ -1,0 +1,559 @@
+"""One training entry point for every unlearning method and scope (Chapters 2, 4-6).
+
+``unlearn(model, forget, retain, config, tokenizer=...)`` minimises the paper's Eq. 4,
+
+    forget_loss + retain_weight * retain_loss + anchor_weight * anchor_loss
+    (        l_f + lambda        * l_r         + alpha         * L_anchor      )
+
+over the parameters a :mod:`uoe_nb.scopes` scope unfreezes, and monitors what the
+paper plots while it runs: forget loss, forget and utility accuracy, expert-selection
+overlap with the original model per layer on forget and retain text (Fig. 3a, 4, 5),
+and the shift of token proportions (Fig. 6).
+
+Checkpoint choice. The paper keeps "the checkpoint with the best balance between
+unlearning efficacy and utility". We score an evaluated checkpoint by
+
+    balance = (FA_0 - FA) - max(0, UT_0 - UT)
+
+(forget-accuracy drop minus utility drop, with ``_0`` the original model), and keep the
+checkpoint with the highest balance; when ``stop_forget_accuracy`` is set, checkpoints
+that reached it are preferred over those that did not, and among them the one with
+the highest utility wins.
+
+Frozen references (NPO's reference model, GradDiff's KL term, RMU's frozen
+activations, the retain-router term) are computed with the *original* values of the
+trainable parameters swapped in under ``no_grad``: everything else is frozen, so this
+is exactly the original model without copying it (for UOE only one layer's expert
+tensor and router are stored twice). Reference values for a batch are cached.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import objectives
+from .attribution import expert_affinity
+from .fastpath import LayerInputCache, forward_from_layer, hidden_after_layer
+from .moe import capture_routing, find_moe_layers
+from .progress import progress
+from .routing import batches as make_batches
+from .scopes import Scope, ScopeResult, apply_scope
+
+__all__ = ["METHODS", "StepRecord", "UnlearnConfig", "UnlearnResult", "unlearn", "world_evaluator"]
+
+log = logging.getLogger(__name__)
+
+METHODS = ("ga", "graddiff", "npo", "simnpo", "rmu")
+
+
+@dataclass
+class UnlearnConfig:
+    """Everything a run needs besides the model and data.
+
+    ``anchor_weight`` is the paper's alpha, ``retain_weight`` its lambda. The anchor is
+    used whenever the scope trains a router of the target layer and ``anchor_weight``
+    is not 0; ``anchor_reduction="sum"`` is the paper's Eq. 3 (the released code's
+    ``mse_loss`` is ``"mean"``, i.e. alpha divided by the number of experts).
+    """
+
+    method: str = "ga"
+    scope: Scope | str = "uoe"
+    lr: float = 1e-4
+    steps: int = 100
+    batch_size: int = 4
+    max_length: int = 128
+    anchor_weight: float = 1.0
+    anchor_reduction: str = "sum"
+    retain_weight: float = 1.0
+    retain_loss: str = "nll"  # "nll" or "kl" (GradDiff / NPO retain term)
+    retain_router_weight: float = 0.0  # our extension, off as in the paper
+    npo_beta: float = 0.1
+    npo_per_token: bool = True
+    simnpo_beta: float = 4.5
+    simnpo_delta: float = 0.0
+    rmu_layer: int | None = None  # default: the target layer
+    rmu_coefficient: float = 20.0
+    rmu_retain_weight: float = 100.0
+    target: tuple[int, int] | None = None  # (layer, expert); None: from attribution
+    attribution_docs: int = 256
+    seed: int = 0
+    eval_every: int = 10
+    stop_forget_accuracy: float | None = None
+    weight_decay: float = 0.0
+    grad_clip: float | None = 1.0
+    monitor_docs: int = 32
+    use_layer_cache: bool = True  # reuse the frozen layers' output below the trainable ones
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
+        if self.steps < 1 or self.batch_size < 1 or self.eval_every < 1:
+            raise ValueError("steps, batch_size and eval_every must be positive")
+        if not self.lr > 0:
+            raise ValueError(f"learning rate must be positive, got {self.lr}")
+        if self.retain_loss not in ("nll", "kl"):
+            raise ValueError(f"retain_loss must be 'nll' or 'kl', got {self.retain_loss!r}")
+        if self.anchor_reduction not in ("sum", "mean"):
+            raise ValueError(f"anchor_reduction must be 'sum' or 'mean', got {self.anchor_reduction!r}")
+
+
+@dataclass
+class StepRecord:
+    """What was measured after ``step`` optimiser steps (step 0 = the original model)."""
+
+    step: int
+    forget_loss: float | None = None
+    loss: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    overlap_forget: dict[int, float] = field(default_factory=dict)
+    overlap_retain: dict[int, float] = field(default_factory=dict)
+    proportions_forget: dict[int, list[float]] = field(default_factory=dict)
+    proportions_shift: dict[int, float] = field(default_factory=dict)
+    balance: float | None = None
+
+    def row(self) -> dict[str, Any]:
+        """A flat table row (per-layer values as ``overlap_forget/L``)."""
+        out: dict[str, Any] = {"step": self.step, "forget_loss": self.forget_loss, "loss": self.loss}
+        out.update(self.metrics)
+        out["balance"] = self.balance
+        for name in ("overlap_forget", "overlap_retain", "proportions_shift"):
+            for layer, v in getattr(self, name).items():
+                out[f"{name}/{layer}"] = v
+        return out
+
+
+@dataclass
+class UnlearnResult:
+    """The kept model, the run's history and what was trained."""
+
+    model: nn.Module
+    config: UnlearnConfig
+    scope: ScopeResult
+    target: tuple[int, int] | None
+    history: list[StepRecord]
+    best_step: int
+    stopped: str
+    affinity: Any = None
+
+    @property
+    def best(self) -> StepRecord:
+        return next(r for r in self.history if r.step == self.best_step)
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [r.row() for r in self.history]
+
+    def summary(self) -> dict[str, Any]:
+        """One row: method, scope, trainable fraction, kept step and its metrics."""
+        best = self.best
+        row = {
+            "method": self.config.method,
+            "scope": self.scope.name,
+            "trainable": self.scope.num_trainable,
+            "fraction": self.scope.fraction,
+            "step": best.step,
+            "stopped": self.stopped,
+        }
+        row.update(best.metrics)
+        return row
+
+
+# ---------------------------------------------------------------------------------
+# Evaluation helpers
+# ---------------------------------------------------------------------------------
+
+
+def world_evaluator(tokenizer, world, *, batch_size: int = 64) -> Callable[[nn.Module], dict[str, float]]:
+    """Forget accuracy (FA) and utility (UT) on a tiny world, through lm-eval."""
+    from .evaluation import multiple_choice_accuracy
+
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        fa = multiple_choice_accuracy(model, tokenizer, world.forget_questions, name="tiny_forget",
+                                      batch_size=batch_size, progress=False)  # fmt: skip
+        ut = multiple_choice_accuracy(model, tokenizer, world.utility_questions, name="tiny_utility",
+                                      batch_size=batch_size, progress=False)  # fmt: skip
+        return {"forget_accuracy": fa.accuracy, "utility_accuracy": ut.accuracy}
+
+    return evaluate
+
+
+def _balance(metrics: Mapping[str, float], base: Mapping[str, float]) -> float | None:
+    if "forget_accuracy" not in metrics or "utility_accuracy" not in metrics:
+        return None
+    forget_drop = base["forget_accuracy"] - metrics["forget_accuracy"]
+    utility_drop = max(0.0, base["utility_accuracy"] - metrics["utility_accuracy"])
+    return forget_drop - utility_drop
+
+
+# ---------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------
+
+
+class _Run:
+    """State of one unlearning run (kept out of the public function for readability)."""
+
+    def __init__(self, model, tokenizer, forget, retain, config: UnlearnConfig, evaluate, device):
+        self.model, self.tok, self.cfg, self.evaluate = model, tokenizer, config, evaluate
+        self.device = device
+        gen = torch.Generator().manual_seed(config.seed)
+
+        def batched(texts):
+            order = torch.randperm(len(texts), generator=gen).tolist()
+            shuffled = [texts[i] for i in order]
+            return list(
+                make_batches(tokenizer, shuffled, batch_size=config.batch_size, max_length=config.max_length,
+                             device=device)  # fmt: skip
+            )
+
+        self.forget_batches = batched(list(forget))
+        self.retain_batches = batched(list(retain)) if retain else []
+        k = config.monitor_docs
+        self.monitor = {
+            "forget": list(make_batches(tokenizer, list(forget)[:k], batch_size=16, max_length=config.max_length,
+                                        device=device)),  # fmt: skip
+            "retain": list(make_batches(tokenizer, list(retain)[:k], batch_size=16, max_length=config.max_length,
+                                        device=device)) if retain else [],  # fmt: skip
+        }
+        self.ref_cache: dict[tuple[str, int], Any] = {}
+
+    # -- frozen references ------------------------------------------------------------
+    @contextlib.contextmanager
+    def original_weights(self) -> Iterator[None]:
+        """Temporarily swap the original values of the trainable parameters back in."""
+        params = dict(self.model.named_parameters())
+        current = {}
+        with torch.no_grad():
+            for name, value in self.original.items():
+                current[name] = params[name].detach().clone()
+                params[name].copy_(value)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, value in current.items():
+                    params[name].copy_(value)
+
+    def reference(self, key: tuple[str, int], fn: Callable[[], Any]) -> Any:
+        if key not in self.ref_cache:
+            with self.original_weights(), torch.no_grad():
+                self.ref_cache[key] = fn()
+        return self.ref_cache[key]
+
+    # -- monitoring ----------------------------------------------------------------------
+    @torch.no_grad()
+    def routing_snapshot(self, which: str) -> dict[int, list[torch.Tensor]]:
+        out: dict[int, list[torch.Tensor]] = {}
+        was = self.model.training
+        self.model.eval()
+        for batch in self.monitor[which]:
+            with capture_routing(self.model) as cap:
+                self.model(**batch)
+            for layer, recs in cap.records.items():
+                out.setdefault(layer, []).append(recs[0].selected())
+        self.model.train(was)
+        return out
+
+    def measure(self, step: int, forget_loss: float | None, loss: float | None) -> StepRecord:
+        rec = StepRecord(step=step, forget_loss=forget_loss, loss=loss)
+        if self.evaluate is not None:
+            rec.metrics = dict(self.evaluate(self.model))
+        if self.is_moe:
+            for which in ("forget", "retain"):
+                if not self.monitor[which]:
+                    continue
+                now = self.routing_snapshot(which)
+                overlap = {}
+                for layer, sels in now.items():
+                    inter = sum(int((a & b).sum()) for a, b in zip(sels, self.base_routing[which][layer], strict=True))
+                    total = sum(int(b.sum()) for b in self.base_routing[which][layer])
+                    overlap[layer] = inter / total if total else float("nan")
+                setattr(rec, f"overlap_{which}", overlap)
+                if which == "forget":
+                    props = {layer: _proportions(sels) for layer, sels in now.items()}
+                    rec.proportions_forget = {k: v.tolist() for k, v in props.items()}
+                    rec.proportions_shift = {
+                        k: 0.5 * float((v - self.base_props[k]).abs().sum()) for k, v in props.items()
+                    }
+        return rec
+
+    # -- forward passes --------------------------------------------------------------------
+    def logits(self, batch, key) -> torch.Tensor:
+        """Logits of ``batch``; layers below the lowest trainable layer come from the cache."""
+        if self.cache is not None:
+            return forward_from_layer(self.model, batch, self.cache.layer_index, self.cache, key).logits
+        return self.model(**batch).logits
+
+    def nll(self, batch, key) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.logits(batch, key)
+        return objectives.per_sequence_nll(logits, batch["input_ids"], batch["attention_mask"])
+
+    def hidden_at(self, batch, layer_index: int, key) -> torch.Tensor:
+        """Output of decoder layer ``layer_index``; nothing above it runs."""
+        if self.cache is not None and layer_index >= self.cache.layer_index:
+            if layer_index == self.cache.layer_index:
+                out = forward_from_layer(self.model, batch, layer_index, self.cache, key, run_above=False,
+                                         output_layer_hidden=True)  # fmt: skip
+                return out.layer_hidden
+        return hidden_after_layer(self.model, batch, layer_index)
+
+    def step_loss(self, step: int) -> tuple[torch.Tensor, float]:
+        cfg = self.cfg
+        i = step % len(self.forget_batches)
+        fb = self.forget_batches[i]
+        j = step % len(self.retain_batches) if self.retain_batches else None
+        rb = self.retain_batches[j] if j is not None else None
+        fkey, rkey = ("forget", i), ("retain", j)
+        target_layer = self.target[0] if self.target else None
+        anchor_on = self.target is not None and cfg.anchor_weight != 0 and target_layer in set(self.scope.routers)
+        uses_retain = rb is not None and (
+            cfg.method == "rmu" or (cfg.method in ("graddiff", "npo") and cfg.retain_weight != 0)
+        )
+        router_term = bool(cfg.retain_router_weight) and rb is not None and self.target is not None
+
+        # Frozen references first: they swap weights in place, which must not happen
+        # while this step's autograd graph is alive.
+        if cfg.method == "npo":
+            ref_total, ref_count = self.reference(("npo", i), lambda: self.nll(fb, fkey))
+        if uses_retain and cfg.method == "rmu":
+            frozen = self.reference(("rmu", j), lambda: self.hidden_at(rb, self.rmu_layer, rkey))
+        if uses_retain and cfg.method != "rmu" and cfg.retain_loss == "kl":
+            ref_logits = self.reference(("kl", j), lambda: self.logits(rb, rkey))
+        if router_term:
+
+            def scores_on_retain():
+                with capture_routing(self.model, layers=[target_layer]) as c:
+                    self.logits(rb, rkey)
+                return c[target_layer][0].scores
+
+            ref_scores = self.reference(("router", j), scores_on_retain)
+
+        if cfg.method == "rmu":
+            h = self.hidden_at(fb, self.rmu_layer, fkey)
+            forget_term = objectives.rmu_forget_loss(h, self.control.to(h.dtype), fb["attention_mask"])
+            loss = forget_term
+            if uses_retain:
+                loss = loss + cfg.rmu_retain_weight * objectives.rmu_retain_loss(
+                    self.hidden_at(rb, self.rmu_layer, rkey), frozen, rb["attention_mask"]
+                )
+            forget_value = float(forget_term.detach())
+        else:
+            with capture_routing(self.model, layers=[target_layer], detach=False) if anchor_on else _null() as cap:
+                total, count = self.nll(fb, fkey)
+            if cfg.method in ("ga", "graddiff"):
+                forget_term = objectives.ga_loss(total, count)
+            elif cfg.method == "npo":
+                forget_term = objectives.npo_loss(total, ref_total, cfg.npo_beta, per_token=cfg.npo_per_token,
+                                                  n_tokens=count)  # fmt: skip
+            else:  # simnpo
+                forget_term = objectives.simnpo_loss(total / count, cfg.simnpo_beta, cfg.simnpo_delta)
+            loss = forget_term
+            forget_value = float((total.sum() / count.sum()).detach())
+            if anchor_on:
+                rec = cap[target_layer][0]
+                loss = loss + cfg.anchor_weight * objectives.anchor_loss(
+                    rec.scores, rec.mask, self.target[1], reduction=cfg.anchor_reduction
+                )
+            if uses_retain:
+                if cfg.retain_loss == "nll":
+                    r_total, r_count = self.nll(rb, rkey)
+                    retain_term = objectives.retain_nll_loss(r_total, r_count)
+                else:
+                    retain_term = objectives.retain_kl_loss(self.logits(rb, rkey), ref_logits, rb["attention_mask"])
+                loss = loss + cfg.retain_weight * retain_term
+        if router_term:
+            with capture_routing(self.model, layers=[target_layer], detach=False) as c:
+                self.logits(rb, rkey)
+            loss = loss + cfg.retain_router_weight * objectives.retain_router_loss(
+                c[target_layer][0].scores, ref_scores, rb["attention_mask"]
+            )
+        return loss, forget_value
+
+
+@contextlib.contextmanager
+def _null():
+    yield None
+
+
+def _proportions(selected: Sequence[torch.Tensor]) -> torch.Tensor:
+    counts = sum(s.sum(dim=(0, 1)).double() for s in selected)
+    return (counts / counts.sum()).float()
+
+
+def unlearn(
+    model: nn.Module,
+    forget: Sequence[str],
+    retain: Sequence[str],
+    config: UnlearnConfig | None = None,
+    *,
+    tokenizer,
+    evaluate: Callable[[nn.Module], Mapping[str, float]] | None = None,
+    affinity: Any = None,
+) -> UnlearnResult:
+    """Unlearn ``forget`` from ``model`` while keeping ``retain`` (Eq. 4; Chapters 2, 4-6).
+
+    ``evaluate(model) -> {"forget_accuracy": ..., "utility_accuracy": ...}`` is called
+    at step 0 and every ``eval_every`` steps (see :func:`world_evaluator`); without it
+    only losses and routing are recorded and the last checkpoint is kept. The model is
+    trained in place; the returned ``result.model`` holds the kept checkpoint.
+    """
+    config = config or UnlearnConfig()
+    config.validate()
+    forget, retain = list(forget), list(retain or [])
+    if not forget:
+        raise ValueError("the forget set is empty: give at least one forget document")
+    if config.method in ("graddiff",) and not retain:
+        raise ValueError(f"method {config.method!r} needs a retain set")
+    torch.manual_seed(config.seed)
+    device = next(model.parameters()).device
+    run = _Run(model, tokenizer, forget, retain, config, evaluate, device)
+    run.decoder_layers = _decoder_layers(model)
+
+    scope = config.scope if isinstance(config.scope, Scope) else Scope.from_name(config.scope)
+    try:
+        moe_layers = find_moe_layers(model)
+    except Exception:  # dense model: only scopes that do not need experts will work
+        moe_layers = []
+    run.is_moe = bool(moe_layers)
+    target = config.target
+    needs = scope.needs_affinity or (scope.needs_target and target is None)
+    if run.is_moe and needs and affinity is None:
+        # Expert attribution (Eq. 2) on the forget set, as in the paper's Algorithm 1.
+        docs = forget[: config.attribution_docs]
+        affinity = expert_affinity(
+            model, make_batches(tokenizer, docs, batch_size=16, max_length=config.max_length, device=device)
+        )
+    if target is None and affinity is not None and hasattr(affinity, "target"):
+        target = affinity.target
+    scope_result = apply_scope(model, scope, target=target, affinity=getattr(affinity, "scores", affinity),
+                               seed=config.seed)  # fmt: skip
+    train_model = scope_result.model
+    run.model = train_model
+    run.scope = scope_result
+    run.target = target if target is not None else (
+        (scope_result.target_layer, None) if scope_result.target_layer is not None else None
+    )
+    if run.target is not None and run.target[1] is None:
+        run.target = None
+    if config.method == "rmu":
+        layer = config.rmu_layer if config.rmu_layer is not None else (target[0] if target else None)
+        if layer is None:
+            raise ValueError("RMU needs a layer: set rmu_layer or use a scope with a target layer")
+        if not 0 <= layer < len(run.decoder_layers):
+            raise IndexError(f"rmu_layer {layer} is out of range (0..{len(run.decoder_layers) - 1})")
+        run.rmu_layer = layer
+        hidden = model.config.get_text_config().hidden_size
+        run.control = objectives.rmu_control_vector(hidden, config.rmu_coefficient, config.seed).to(device)
+
+    run.cache = None
+    lowest = _lowest_trainable_layer(scope_result)
+    if config.use_layer_cache and lowest is not None and lowest > 0:
+        # Frozen layers below the lowest trainable one give the same output for a batch
+        # every time: compute their output once per batch (checked exact on first use).
+        n_items = len(run.forget_batches) + len(run.retain_batches)
+        run.cache = LayerInputCache(lowest, max_items=max(1, n_items))
+    trainable = {n: p for n, p in train_model.named_parameters() if p.requires_grad}
+    run.original = {n: p.detach().clone() for n, p in trainable.items()}
+    opt = torch.optim.AdamW(scope_result.param_groups(config.weight_decay), lr=config.lr)
+
+    if run.is_moe:
+        run.base_routing = {w: run.routing_snapshot(w) for w in ("forget", "retain") if run.monitor[w]}
+        run.base_props = {k: _proportions(v) for k, v in run.base_routing.get("forget", {}).items()}
+    history = [run.measure(0, None, None)]
+    base_metrics = history[0].metrics
+    history[0].balance = _balance(base_metrics, base_metrics) if base_metrics else None
+    best_step, best_key = 0, _key(history[0], config)
+    best_state = {n: p.detach().clone() for n, p in trainable.items()}
+    last_good = {n: p.detach().clone() for n, p in trainable.items()}
+    stopped = "step budget"
+    train_model.train()
+    for step in progress(range(config.steps), desc=f"unlearn {config.method}"):
+        loss, forget_value = run.step_loss(step)
+        if not torch.isfinite(loss):
+            stopped = f"non-finite loss at step {step + 1}; kept the last good state"
+            _load(train_model, last_good)
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(list(trainable.values()), config.grad_clip)
+        opt.step()
+        if not all(torch.isfinite(p).all() for p in trainable.values()):
+            stopped = f"non-finite weights after step {step + 1}; kept the last good state"
+            _load(train_model, last_good)
+            break
+        last_good = {n: p.detach().clone() for n, p in trainable.items()}
+        done = step + 1
+        if done % config.eval_every == 0 or done == config.steps:
+            train_model.eval()
+            rec = run.measure(done, forget_value, float(loss.detach()))
+            train_model.train()
+            rec.balance = _balance(rec.metrics, base_metrics) if base_metrics else None
+            history.append(rec)
+            key = _key(rec, config)
+            if key > best_key or evaluate is None:
+                best_step, best_key = done, key
+                best_state = {n: p.detach().clone() for n, p in trainable.items()}
+            fa = rec.metrics.get("forget_accuracy")
+            if config.stop_forget_accuracy is not None and fa is not None and fa <= config.stop_forget_accuracy:
+                stopped = f"forget accuracy {fa:.3f} <= {config.stop_forget_accuracy} at step {done}"
+                break
+    _load(train_model, best_state)
+    train_model.eval()
+    return UnlearnResult(
+        model=train_model,
+        config=config,
+        scope=scope_result,
+        target=tuple(target) if target is not None else None,
+        history=history,
+        best_step=best_step,
+        stopped=stopped,
+        affinity=affinity,
+    )
+
+
+def _lowest_trainable_layer(scope: ScopeResult) -> int | None:
+    """The lowest decoder layer with a trainable parameter, for expert/router scopes."""
+    if scope.scope.kind in ("full", "lora"):
+        return None
+    layers = set(scope.experts) | set(scope.routers) | set(scope.shared)
+    return min(layers) if layers else None
+
+
+def _key(rec: StepRecord, config: UnlearnConfig) -> tuple:
+    """Sort key of a checkpoint: reached the stop target first, then utility/balance."""
+    if rec.balance is None:
+        return (0, rec.step)
+    fa = rec.metrics.get("forget_accuracy", math.inf)
+    if config.stop_forget_accuracy is not None:
+        reached = fa <= config.stop_forget_accuracy
+        return (int(reached), rec.metrics.get("utility_accuracy", 0.0) if reached else rec.balance)
+    return (1, rec.balance)
+
+
+@torch.no_grad()
+def _load(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    for name, value in state.items():
+        params[name].copy_(value)
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    from .moe import decoder_layers
+
+    return decoder_layers(model)[1]
+
+
+def config_dict(config: UnlearnConfig) -> dict[str, Any]:
+    """A JSON-able view of a config (for patches and tables)."""
+    out = asdict(config)
+    if not isinstance(config.scope, str):
+        out["scope"] = repr(config.scope)
+    return out
