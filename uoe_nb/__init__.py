@@ -1,9 +1,14 @@
 """uoe_nb: the executable companion library of the UOE paper.
 
 Modules are named after the paper's ideas: :mod:`uoe_nb.moe` (routers and experts of
-every MoE family), :mod:`uoe_nb.world` (the tiny synthetic benchmark),
-:mod:`uoe_nb.zoo` (tiny MoE checkpoints), :mod:`uoe_nb.evaluation` (lm-eval and
-RWKU-style probes), :mod:`uoe_nb.mode` (the tiny/full switch).
+every MoE family), :mod:`uoe_nb.routing` (routing statistics), :mod:`uoe_nb.world`
+(the tiny synthetic benchmark), :mod:`uoe_nb.zoo` (tiny MoE checkpoints),
+:mod:`uoe_nb.evaluation` and :mod:`uoe_nb.data` (lm-eval, RWKU-style probes, real
+data), :mod:`uoe_nb.attribution` (Eq. 2), :mod:`uoe_nb.objectives` (Eq. 3-4 and the
+baselines' losses), :mod:`uoe_nb.scopes` (what may change), :mod:`uoe_nb.unlearn` (the
+training entry point), :mod:`uoe_nb.fastpath` (not paying for frozen layers),
+:mod:`uoe_nb.diagnostics` and :mod:`uoe_nb.patches`, and :mod:`uoe_nb.mode` (the
+tiny/full switch).
 """
 
 __version__ = "0.1.0"
