@@ -465,10 +465,14 @@ class TrainableSelection:
         return [params[n] for n in self.names]
 
     def param_groups(self, weight_decay: float = 0.0) -> list[dict]:
-        """Optimizer groups: masked fused tensors never get weight decay."""
+        """Optimizer groups: partly masked fused tensors never get weight decay.
+
+        A mask that keeps every row is the identity, so such a tensor may decay.
+        """
         params = dict(self.model.named_parameters())
-        masked = [params[n] for n in self.names if n in self.masked]
-        plain = [params[n] for n in self.names if n not in self.masked]
+        partial = {n for n, keep in self.masked.items() if not bool(keep.all())}
+        masked = [params[n] for n in self.names if n in partial]
+        plain = [params[n] for n in self.names if n not in partial]
         groups = []
         if plain:
             groups.append({"params": plain, "weight_decay": weight_decay})

@@ -396,18 +396,7 @@ class ScopeResult:
         decay (decay would move every expert); everything else gets ``weight_decay``."""
         if isinstance(self.selection, LoraSelection):
             return [{"params": self.selection.parameters(), "weight_decay": weight_decay}]
-        sel = self.selection
-        params = dict(sel.model.named_parameters())
-        # A mask that keeps every row is the identity: decay then moves only trainable rows.
-        partial = {n for n, keep in sel.masked.items() if not bool(keep.all())}
-        plain = [params[n] for n in sel.names if n not in partial]
-        masked = [params[n] for n in sel.names if n in partial]
-        groups = []
-        if plain:
-            groups.append({"params": plain, "weight_decay": weight_decay})
-        if masked:
-            groups.append({"params": masked, "weight_decay": 0.0})
-        return groups
+        return self.selection.param_groups(weight_decay)
 
     def row(self) -> dict[str, Any]:
         """One row of the trainable-parameter table (Table 3)."""
