@@ -1,0 +1,114 @@
+"""The design-ablation helpers of Chapter 5: variants, anchor targets, runs on copies, overlap means."""
+
+import math
+
+import pytest
+import torch
+
+from uoe_nb import routing, scopes
+from uoe_nb.attribution import expert_affinity
+from uoe_nb.layer_study import (
+    Variant,
+    expert_variant,
+    layer_rank_variants,
+    mean_overlap,
+    overlap_curve,
+    random_expert_variant,
+    run_variant,
+)
+from uoe_nb.moe import changed_parameters, find_moe_layers
+from uoe_nb.unlearn import StepRecord, UnlearnConfig
+from uoe_nb.world import build_world
+from uoe_nb.zoo import load_zoo_model
+
+
+@pytest.fixture(scope="module")
+def setup():
+    world = build_world(0)
+    model, tok = load_zoo_model("tiny-qwen2moe")
+    aff = expert_affinity(model, routing.batches(tok, world.forget_corpus[:64], batch_size=16, max_length=128))
+    return world, model, tok, aff
+
+
+def test_layer_rank_variants_follow_the_affinity_ranking(setup):
+    _, _, _, aff = setup
+    order = aff.layer_ranking()
+    variants = layer_rank_variants(aff, (1, 2, -1))
+    assert [v.target for v in variants] == [(order[0], aff.ranking(order[0])[0]),
+                                            (order[1], aff.ranking(order[1])[0]),
+                                            (order[-1], aff.ranking(order[-1])[0])]  # fmt: skip
+    assert variants[0].target == aff.target
+    for v in variants:
+        assert v.scope.kind == "uoe" and (v.scope.layer, v.scope.expert) == v.target
+    # the same layer twice is kept once; ranks out of range are refused
+    assert len(layer_rank_variants(aff, (1, -len(order)))) == 1
+    with pytest.raises(IndexError):
+        layer_rank_variants(aff, (0,))
+    with pytest.raises(IndexError):
+        layer_rank_variants(aff, (len(order) + 1,))
+
+
+def test_random_expert_variant_is_seeded_and_never_the_target(setup):
+    _, _, _, aff = setup
+    picks = {random_expert_variant(aff, seed).target for seed in range(12)}
+    assert all(layer == aff.target[0] for layer, _ in picks)
+    assert aff.target not in picks
+    assert len(picks) > 1
+    assert random_expert_variant(aff, 3) == random_expert_variant(aff, 3)
+
+
+def test_run_variant_trains_a_copy_and_anchors_to_the_variant_expert(setup):
+    world, model, tok, aff = setup
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    variant = random_expert_variant(aff, 0)
+    layer, expert = variant.target
+    cfg = UnlearnConfig(method="ga", lr=3e-3, steps=3, eval_every=3, monitor_docs=8, seed=0)
+    row, result = run_variant(model, tok, world.forget_corpus[:16], world.retain_corpus[:16], variant, cfg,
+                              affinity=aff)  # fmt: skip
+    # the base model is untouched, the copy changed only the variant's expert and router
+    assert not changed_parameters(model, before)
+    changed = changed_parameters(result.model, before)
+    lay = next(m for m in find_moe_layers(result.model) if m.layer_index == layer)
+    assert changed and set(changed) <= set(lay.expert_parameters()) | set(lay.router_parameters())
+    for name in lay.expert_parameters():
+        if name in changed:
+            assert changed[name].nonzero().flatten().tolist() == [expert]
+    assert result.target == variant.target  # the anchor points at the trained expert
+    assert row["variant"] == variant.label and row["step"] == 3
+    assert math.isnan(row["FA"])  # no evaluator given
+    assert row["overlap forget"] == pytest.approx(mean_overlap(result.best, "forget"))
+    assert {f"overlap_forget/{i}" for i in aff.layers} <= set(row)
+
+
+def test_run_variant_with_a_scope_that_uses_the_attributed_target(setup):
+    world, model, tok, aff = setup
+    variant = Variant("top-3", scopes.k_experts(aff.target[0], 3), group="k")
+    cfg = UnlearnConfig(method="ga", lr=3e-3, steps=2, eval_every=2, monitor_docs=8)
+    row, result = run_variant(model, tok, world.forget_corpus[:8], world.retain_corpus[:8], variant, cfg,
+                              affinity=aff)  # fmt: skip
+    assert result.target == aff.target
+    assert result.scope.experts == {aff.target[0]: sorted(aff.top_experts(aff.target[0], 3))}
+    assert row["group"] == "k" and row["trainable"] == result.scope.num_trainable
+
+
+def test_expert_variant_with_shared_experts():
+    v = expert_variant("shared", 0, 2, include_shared=True)
+    assert v.scope.include_shared and v.target == (0, 2)
+
+
+def test_mean_overlap_and_curve():
+    rec = StepRecord(step=0, overlap_forget={0: 1.0, 1: 0.5}, overlap_retain={0: 0.25, 1: 0.75})
+    assert mean_overlap(rec) == pytest.approx(0.75)
+    assert mean_overlap(rec, "retain") == pytest.approx(0.5)
+    assert mean_overlap(rec, layers=[1]) == pytest.approx(0.5)
+    assert math.isnan(mean_overlap(StepRecord(step=1)))
+    with pytest.raises(ValueError):
+        mean_overlap(rec, "other")
+
+    class _Result:
+        history = [rec, StepRecord(step=10, overlap_forget={0: 0.5, 1: 0.0})]
+
+    curve = overlap_curve(_Result())
+    assert [r["step"] for r in curve] == [0, 10]
+    assert curve[1]["mean"] == pytest.approx(0.25) and curve[1]["layer 1"] == 0.0
+    assert torch.tensor([r["mean"] for r in curve]).le(1).all()

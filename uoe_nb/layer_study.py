@@ -1,0 +1,165 @@
+"""Why one expert in one layer: the paper's design ablations, run side by side (Chapter 5).
+
+Section 4 ("A single-layer solution") and Section 5 ("Comparison of different design
+choices") of the paper compare UOE with the obvious alternatives, each run until the
+forget accuracy reaches the same level:
+
+* the top-1 expert of *every* layer instead of one layer (Figs. 4 and 5);
+* 1, 3 or 6 experts of the target layer (Table 5);
+* a random expert of the target layer instead of the attributed one (Table 6);
+* the top-1 expert of layers of lower affinity rank (Table 7);
+* the shared experts tuned too (the later SEUF version of the paper).
+
+A :class:`Variant` names one such choice (a :mod:`uoe_nb.scopes` scope plus the expert
+the router anchor of Eq. 3 points to); :func:`run_variant` unlearns a *copy* of a base
+model with it and returns one table row (kept checkpoint's forget accuracy and utility,
+step, per-layer expert-selection overlap) and the full result.
+
+The anchor target matters: :func:`uoe_nb.unlearn.unlearn` anchors the target layer's
+router to ``config.target``, or to the attributed target when that is ``None``. A UOE
+run at another expert (a random one, or the top expert of a lower-ranked layer) must
+anchor to *that* expert, so those variants carry their own target
+(:func:`expert_variant`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from .attribution import Affinity
+from .scopes import Scope, uoe
+from .unlearn import StepRecord, UnlearnConfig, UnlearnResult, unlearn
+
+__all__ = [
+    "Variant",
+    "expert_variant",
+    "layer_rank_variants",
+    "mean_overlap",
+    "overlap_curve",
+    "random_expert_variant",
+    "run_variant",
+]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One design choice to unlearn with: a label, a scope and the anchor's target.
+
+    ``target`` is the ``(layer, expert)`` the router anchor (Eq. 3) pulls forget tokens
+    to; ``None`` means the attributed target (the layer with the highest top-1 affinity
+    and its top-1 expert). ``group`` names the comparison the variant belongs to.
+    """
+
+    label: str
+    scope: Scope
+    target: tuple[int, int] | None = None
+    group: str = ""
+
+
+def expert_variant(label: str, layer: int, expert: int, *, group: str = "", include_shared: bool = False) -> Variant:
+    """UOE on a given ``(layer, expert)``, with the anchor pointing to that same expert."""
+    return Variant(label, uoe(layer, expert, include_shared=include_shared), (int(layer), int(expert)), group)
+
+
+def random_expert_variant(affinity: Affinity, seed: int, *, group: str = "random expert") -> Variant:
+    """The Table 6 control: a seeded random expert of the target layer (never the target),
+    trained and anchored exactly like UOE trains and anchors the attributed one."""
+    layer, expert = affinity.random_expert(seed)
+    return expert_variant(f"random expert {expert} (seed {seed})", layer, expert, group=group)
+
+
+def layer_rank_variants(
+    affinity: Affinity, ranks: Sequence[int] = (1, 2, -1), *, group: str = "layer rank"
+) -> list[Variant]:
+    """UOE on the top-1 expert of the layers ranked ``ranks`` by top-1 affinity (Table 7).
+
+    Ranks count from 1 (the UOE layer); negative ranks count from the end (-1: the
+    layer with the lowest top-1 affinity). Repeated layers are kept once.
+    """
+    order = affinity.layer_ranking()
+    variants, seen = [], set()
+    for rank in ranks:
+        if rank == 0 or not -len(order) <= rank <= len(order):
+            raise IndexError(f"layer rank {rank} is out of range: ranks are 1..{len(order)} or -1..-{len(order)}")
+        position = rank - 1 if rank > 0 else len(order) + rank
+        layer = order[position]
+        if layer in seen:
+            continue
+        seen.add(layer)
+        expert = affinity.ranking(layer)[0]
+        label = f"layer rank {position + 1} (layer {layer}, top-1 affinity {affinity.top1(layer):.3f})"
+        variants.append(expert_variant(label, layer, expert, group=group))
+    return variants
+
+
+def mean_overlap(record: StepRecord, which: str = "forget", layers: Sequence[int] | None = None) -> float:
+    """Mean over MoE layers of the expert-selection overlap with the original model (Fig. 5).
+
+    ``which`` is ``"forget"`` or ``"retain"``; ``layers`` restricts the mean (default: all).
+    ``nan`` when the run recorded no overlap.
+    """
+    if which not in ("forget", "retain"):
+        raise ValueError(f"which must be 'forget' or 'retain', got {which!r}")
+    values: Mapping[int, float] = getattr(record, f"overlap_{which}")
+    chosen = [v for k, v in values.items() if layers is None or k in layers]
+    return sum(chosen) / len(chosen) if chosen else math.nan
+
+
+def overlap_curve(result: UnlearnResult, which: str = "forget") -> list[dict[str, float]]:
+    """Per evaluated step, the overlap of every layer and their mean (Fig. 5's curves)."""
+    rows = []
+    for rec in result.history:
+        row: dict[str, float] = {"step": rec.step, "mean": mean_overlap(rec, which)}
+        row.update({f"layer {k}": v for k, v in getattr(rec, f"overlap_{which}").items()})
+        rows.append(row)
+    return rows
+
+
+def run_variant(
+    base_model: nn.Module,
+    tokenizer: Any,
+    forget: Sequence[str],
+    retain: Sequence[str],
+    variant: Variant,
+    config: UnlearnConfig,
+    *,
+    evaluate: Callable[[nn.Module], Mapping[str, float]] | None = None,
+    affinity: Affinity | None = None,
+) -> tuple[dict[str, Any], UnlearnResult]:
+    """Unlearn a deep copy of ``base_model`` with ``variant``; ``base_model`` is not touched.
+
+    ``config`` supplies everything but the scope and the anchor target, which come from
+    the variant. Pass the base model's ``affinity`` so attribution runs once for all
+    variants. Returns ``(row, result)``: the row holds the variant's label and group, the
+    scope's name and trainable count, the kept checkpoint's step, forget accuracy (FA),
+    utility (UT), and its expert-selection overlap with the original model on forget
+    and retain text (mean over layers, and per layer as ``overlap_forget/L``).
+    """
+    model = copy.deepcopy(base_model)
+    cfg = dataclasses.replace(config, scope=variant.scope, target=variant.target)
+    result = unlearn(model, forget, retain, cfg, tokenizer=tokenizer, evaluate=evaluate, affinity=affinity)
+    best = result.best
+    row: dict[str, Any] = {
+        "group": variant.group,
+        "variant": variant.label,
+        "scope": result.scope.name,
+        "trainable": result.scope.num_trainable,
+        "step": best.step,
+        "FA": best.metrics.get("forget_accuracy", math.nan),
+        "UT": best.metrics.get("utility_accuracy", math.nan),
+        "overlap forget": mean_overlap(best, "forget"),
+        "overlap retain": mean_overlap(best, "retain"),
+        "stopped": result.stopped,
+    }
+    for layer, value in best.overlap_forget.items():
+        row[f"overlap_forget/{layer}"] = value
+    for layer, value in best.overlap_retain.items():
+        row[f"overlap_retain/{layer}"] = value
+    return row, result
