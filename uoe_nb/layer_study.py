@@ -137,7 +137,8 @@ def run_variant(
 
     ``config`` supplies everything but the scope and the anchor target, which come from
     the variant. Pass the base model's ``affinity`` so attribution runs once for all
-    variants. Returns ``(row, result)``: the row holds the variant's label and group, the
+    variants. The copy costs one model's memory: set ``result.model = None`` on results
+    whose model is no longer needed. Returns ``(row, result)``: the row holds the variant's label and group, the
     scope's name and trainable count, the kept checkpoint's step, forget accuracy (FA),
     utility (UT), and its expert-selection overlap with the original model on forget
     and retain text (mean over layers, and per layer as ``overlap_forget/L``).
