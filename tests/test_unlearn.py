@@ -199,3 +199,21 @@ def test_esft_scope_runs_attribution(world):
         for name in lay.expert_parameters():
             if name in changed:
                 assert set(changed[name].nonzero().flatten().tolist()) <= set(experts[lay.layer_index])
+
+
+def test_anchor_follows_the_trained_expert(world, monkeypatch):
+    from uoe_nb import objectives, scopes
+
+    anchored = []
+    real = objectives.anchor_loss
+
+    def spy(scores, mask, expert, **k):
+        anchored.append(expert)
+        return real(scores, mask, expert, **k)
+
+    monkeypatch.setattr(objectives, "anchor_loss", spy)
+    result, _, _ = _run(world, "ga", scopes.random_expert(), steps=2, lr=1e-3, evaluate=False)
+    layer, expert = result.target
+    assert result.scope.experts == {layer: [expert]}
+    assert result.affinity.target != (layer, expert)  # the random expert, not the attributed one
+    assert anchored and set(anchored) == {expert}

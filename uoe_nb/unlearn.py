@@ -58,10 +58,11 @@ METHODS = ("ga", "graddiff", "npo", "simnpo", "rmu")
 class UnlearnConfig:
     """Everything a run needs besides the model and data.
 
-    ``anchor_weight`` is the paper's alpha, ``retain_weight`` its lambda. The anchor is
-    used whenever the scope trains a router of the target layer and ``anchor_weight``
-    is not 0; ``anchor_reduction="sum"`` is the paper's Eq. 3 (the released code's
-    ``mse_loss`` is ``"mean"``, i.e. alpha divided by the number of experts).
+    ``anchor_weight`` is the paper's alpha, ``retain_weight`` its lambda. Every router
+    the scope trains is anchored to the expert the scope trains in that layer (to the
+    attributed target where it trains several) unless ``anchor_weight`` is 0.
+    ``anchor_reduction="sum"`` is the paper's Eq. 3 (the released code's ``mse_loss`` is
+    ``"mean"``, i.e. alpha divided by the number of experts).
     """
 
     method: str = "ga"
@@ -312,7 +313,8 @@ class _Run:
         rb = self.retain_batches[j] if j is not None else None
         fkey, rkey = ("forget", i), ("retain", j)
         target_layer = self.target[0] if self.target else None
-        anchor_on = self.target is not None and cfg.anchor_weight != 0 and target_layer in set(self.scope.routers)
+        anchor_layers = [layer for layer, _ in self.anchors]
+        anchor_on = bool(self.anchors) and cfg.anchor_weight != 0
         uses_retain = rb is not None and (
             cfg.method == "rmu" or (cfg.method in ("graddiff", "npo") and cfg.retain_weight != 0)
         )
@@ -345,7 +347,7 @@ class _Run:
                 )
             forget_value = float(forget_term.detach())
         else:
-            with capture_routing(self.model, layers=[target_layer], detach=False) if anchor_on else _null() as cap:
+            with capture_routing(self.model, layers=anchor_layers, detach=False) if anchor_on else _null() as cap:
                 total, count = self.nll(fb, fkey)
             if cfg.method in ("ga", "graddiff"):
                 forget_term = objectives.ga_loss(total, count)
@@ -357,10 +359,11 @@ class _Run:
             loss = forget_term
             forget_value = float((total.sum() / count.sum()).detach())
             if anchor_on:
-                rec = cap[target_layer][0]
-                loss = loss + cfg.anchor_weight * objectives.anchor_loss(
-                    rec.scores, rec.mask, self.target[1], reduction=cfg.anchor_reduction
-                )
+                for layer, expert in self.anchors:
+                    rec = cap[layer][0]
+                    loss = loss + cfg.anchor_weight * objectives.anchor_loss(
+                        rec.scores, rec.mask, expert, reduction=cfg.anchor_reduction
+                    )
             if uses_retain:
                 if cfg.retain_loss == "nll":
                     r_total, r_count = self.nll(rb, rkey)
@@ -437,11 +440,12 @@ def unlearn(
     train_model = scope_result.model
     run.model = train_model
     run.scope = scope_result
-    run.target = target if target is not None else (
-        (scope_result.target_layer, None) if scope_result.target_layer is not None else None
-    )
-    if run.target is not None and run.target[1] is None:
-        run.target = None
+    run.anchors = _anchor_pairs(scope_result, target)
+    # The trained expert is the target when the scope names one expert in one layer
+    # (uoe with explicit arguments, random_expert); otherwise the attributed target.
+    if len(run.anchors) == 1:
+        target = run.anchors[0]
+    run.target = tuple(target) if target is not None else None
     if config.method == "rmu":
         layer = config.rmu_layer if config.rmu_layer is not None else (target[0] if target else None)
         if layer is None:
@@ -511,12 +515,29 @@ def unlearn(
         model=train_model,
         config=config,
         scope=scope_result,
-        target=tuple(target) if target is not None else None,
+        target=run.target,
         history=history,
         best_step=best_step,
         stopped=stopped,
         affinity=affinity,
     )
+
+
+def _anchor_pairs(scope: ScopeResult, target) -> list[tuple[int, int]]:
+    """(layer, expert) pairs whose router is anchored (Eq. 3).
+
+    A trainable router is anchored to the one expert the scope trains in its layer
+    (UOE, a random expert, the top-1 expert of each layer); a router of a layer with
+    several trained experts is anchored to the attributed target if it is there.
+    """
+    pairs = []
+    for layer in scope.routers:
+        experts = scope.experts.get(layer, [])
+        if len(experts) == 1:
+            pairs.append((layer, experts[0]))
+        elif target is not None and target[0] == layer and target[1] in experts:
+            pairs.append((layer, target[1]))
+    return pairs
 
 
 def _lowest_trainable_layer(scope: ScopeResult) -> int | None:
