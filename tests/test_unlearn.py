@@ -76,6 +76,9 @@ def test_ga_runs_to_target_with_complete_history(world, scope, lr):
     # The kept checkpoint is one that reached the target, and evaluating the returned
     # model reproduces its metrics.
     assert result.best.metrics["forget_accuracy"] <= 0.5
+    # Early stop: the steps taken are those up to the last checkpoint, each timed.
+    assert result.steps_run == h[-1].step < 80
+    assert result.train_seconds > 0 and result.seconds_per_step == result.train_seconds / result.steps_run
     again = world_evaluator(tok, world)(result.model)
     assert again == pytest.approx(result.best.metrics)
 

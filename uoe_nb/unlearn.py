@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -143,6 +144,13 @@ class UnlearnResult:
     best_step: int
     stopped: str
     affinity: Any = None
+    steps_run: int = 0  # optimiser steps taken (fewer than config.steps after an early stop)
+    train_seconds: float = 0.0  # wall time of those steps (loss, backward, optimiser), evaluation excluded
+
+    @property
+    def seconds_per_step(self) -> float:
+        """Mean wall time of one optimiser step (``nan`` when no step ran)."""
+        return self.train_seconds / self.steps_run if self.steps_run else math.nan
 
     @property
     def best(self) -> StepRecord:
@@ -477,8 +485,10 @@ def unlearn(
     best_state = {n: p.detach().clone() for n, p in trainable.items()}
     last_good = {n: p.detach().clone() for n, p in trainable.items()}
     stopped = "step budget"
+    steps_run, train_seconds = 0, 0.0
     train_model.train()
     for step in progress(range(config.steps), desc=f"unlearn {config.method}"):
+        started = time.perf_counter()
         loss, forget_value = run.step_loss(step)
         if not torch.isfinite(loss):
             stopped = f"non-finite loss at step {step + 1}; kept the last good state"
@@ -494,7 +504,10 @@ def unlearn(
             _load(train_model, last_good)
             break
         last_good = {n: p.detach().clone() for n, p in trainable.items()}
-        done = step + 1
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        train_seconds += time.perf_counter() - started
+        steps_run = done = step + 1
         if done % config.eval_every == 0 or done == config.steps:
             train_model.eval()
             rec = run.measure(done, forget_value, float(loss.detach()))
@@ -520,6 +533,8 @@ def unlearn(
         best_step=best_step,
         stopped=stopped,
         affinity=affinity,
+        steps_run=steps_run,
+        train_seconds=train_seconds,
     )
 
 
