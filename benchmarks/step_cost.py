@@ -38,11 +38,8 @@ counts towards the next row's starting value, so CPU numbers are rough.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -55,28 +52,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from uoe_nb.fastpath import LayerInputCache, forward_from_layer, hidden_after_layer
 from uoe_nb.moe import NoMoELayersError, decoder_layers, find_moe_layers, make_trainable
+from uoe_nb.scale import ARCHITECTURES, MemoryMeter, state_mib
 
-# OLMoE-1B-7B (allenai/OLMoE-1B-7B-0924/0125), as published in its config.json.
-OLMOE_1B_7B = dict(
-    vocab_size=50304,
-    hidden_size=2048,
-    intermediate_size=1024,
-    num_hidden_layers=16,
-    num_attention_heads=16,
-    num_key_value_heads=16,
-    num_experts=64,
-    num_experts_per_tok=8,
-    max_position_embeddings=4096,
-    rope_theta=10000.0,
-    rms_norm_eps=1e-5,
-    norm_topk_prob=False,
-    clip_qkv=None,
-    tie_word_embeddings=False,
-    pad_token_id=1,
-    bos_token_id=None,
-    eos_token_id=50279,
-)
-CONFIGS = {"olmoe-1b-7b": ("olmoe", OLMOE_1B_7B)}
+# Real architectures (published config.json values), built with random weights.
+CONFIGS = ARCHITECTURES
 
 
 @dataclass
@@ -95,83 +74,6 @@ class Result:
     target: int
     exact_gap: float  # largest |cached - full| over the GA loss and RMU's layer-L output
     dtype: str
-
-
-# --------------------------------------------------------------------------------------
-# Memory
-# --------------------------------------------------------------------------------------
-
-
-def _proc_status(field: str) -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return float(line.split()[1]) / 1024  # kB -> MiB
-    except OSError:
-        return None
-    return None
-
-
-def _release_freed_memory() -> None:
-    """Hand memory freed by earlier rows back to the OS (glibc), so it does not hide a row's growth."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def state_mib(model, optimizer) -> float:
-    """Bytes of gradients and optimizer state: what training adds on top of the weights."""
-    total = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
-    if optimizer is not None:
-        for state in optimizer.state.values():
-            total += sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t))
-    return total / 2**20
-
-
-class MemoryMeter:
-    """Peak memory of one row: CUDA allocated bytes, or CPU resident-set growth."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.start = 0.0
-        self.can_reset_rss = False
-        if device.type != "cuda":
-            try:
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")
-                self.can_reset_rss = _proc_status("VmHWM") is not None
-            except OSError:
-                self.can_reset_rss = False
-
-    @property
-    def description(self) -> str:
-        if self.device.type == "cuda":
-            return "peak = torch.cuda.max_memory_allocated during the row (weights included)"
-        if self.can_reset_rss:
-            return "peak = growth of the process RSS high-water mark (VmHWM, reset per row) above the row's start RSS"
-        return "peak = growth of getrusage's lifetime RSS high-water mark during the row (understates later rows)"
-
-    def begin(self) -> None:
-        gc.collect()
-        _release_freed_memory()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
-        elif self.can_reset_rss:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            self.start = _proc_status("VmRSS") or 0.0
-        else:
-            self.start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
-
-    def peak_mib(self) -> float:
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**20
-        if self.can_reset_rss:
-            return max(0.0, (_proc_status("VmHWM") or 0.0) - self.start)
-        return max(0.0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - self.start)
 
 
 # --------------------------------------------------------------------------------------
