@@ -1,0 +1,267 @@
+"""The Tables 2-4 comparison of Chapter 6: cells, grid runs on copies, aggregation, the paper's numbers."""
+
+import math
+
+import pytest
+import torch
+
+from uoe_nb import routing
+from uoe_nb.attribution import expert_affinity
+from uoe_nb.baselines import (
+    PAPER_PARAMETER_RATIOS,
+    Baseline,
+    RunRecord,
+    Stat,
+    aggregate,
+    paper_frame,
+    paper_result,
+    parameter_ratios,
+    run_grid,
+    summary_frame,
+)
+from uoe_nb.diagnostics import OracleDistance
+from uoe_nb.moe import changed_parameters, find_moe_layers
+from uoe_nb.objectives import per_sequence_nll
+from uoe_nb.unlearn import UnlearnConfig
+from uoe_nb.world import build_world
+from uoe_nb.zoo import load_zoo_model
+
+
+def _record(fa, ut, seed, *, model="m", method="ga", scope="uoe", step=10, oracle=None):
+    return RunRecord(model=model, method=method, scope=scope, seed=seed, step=step, forget_accuracy=fa,
+                     utility_accuracy=ut, forget_accuracy_before=0.9, utility_accuracy_before=0.95,
+                     trainable=100, fraction=0.01, reached=fa <= 0.5, stopped="", overlap_forget=0.8,
+                     oracle=oracle)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------
+# Aggregation
+# --------------------------------------------------------------------------------------
+
+
+def test_aggregate_matches_a_hand_computation():
+    records = [
+        _record(0.2, 0.70, 0, step=10),
+        _record(0.4, 0.80, 1, step=20),
+        _record(0.9, 0.60, 2, step=30),
+        _record(0.3, 0.50, 0, scope="full"),
+    ]
+    uoe, full = aggregate(records)
+    assert (uoe.scope, full.scope) == ("uoe", "full")  # order of first appearance
+    assert uoe.seeds == (0, 1, 2) and uoe.label == "GA+UOE"
+    # mean 0.5; sample sd sqrt(((-0.3)^2 + (-0.1)^2 + 0.4^2) / (3 - 1)) = sqrt(0.13)
+    assert uoe.forget_accuracy.mean == pytest.approx(0.5)
+    assert uoe.forget_accuracy.sd == pytest.approx(math.sqrt(0.13))
+    assert uoe.utility_accuracy.mean == pytest.approx(0.7)
+    assert uoe.utility_accuracy.sd == pytest.approx(0.1)
+    assert uoe.step.mean == pytest.approx(20) and uoe.step.sd == pytest.approx(10)
+    assert uoe.reached == 2  # FA 0.2 and 0.4 are <= 0.5, 0.9 is not
+    assert full.forget_accuracy == Stat(0.3, full.forget_accuracy.sd, 1) and math.isnan(
+        full.forget_accuracy.sd
+    )
+    row = uoe.as_row()
+    assert row["FA mean"] == pytest.approx(0.5) and row["trainable %"] == pytest.approx(1.0)
+    assert "KL oracle forget mean" not in row
+    assert str(Stat.of([1.0, 3.0])) == "2.000 ± 1.414" and str(Stat.of([2.0])) == "2.000"
+
+
+def test_aggregate_oracle_distance_and_bad_records():
+    dist = [OracleDistance(kl_forget=k, kl_retain=k / 10) for k in (1.0, 3.0)]
+    (summary,) = aggregate([_record(0.3, 0.7, s, oracle=d) for s, d in zip((0, 1), dist, strict=True)])
+    assert summary.kl_forget.mean == pytest.approx(2.0) and summary.kl_forget.sd == pytest.approx(
+        math.sqrt(2)
+    )
+    assert summary.kl_retain.mean == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="seed listed twice"):
+        aggregate([_record(0.3, 0.7, 0), _record(0.4, 0.7, 0)])
+    with pytest.raises(ValueError, match="only some seeds"):
+        aggregate([_record(0.3, 0.7, 0, oracle=dist[0]), _record(0.4, 0.7, 1)])
+    with pytest.raises(ValueError, match="no run records"):
+        aggregate([])
+    with pytest.raises(ValueError):
+        Stat.of([])
+
+
+def test_summary_frame_puts_the_paper_beside_ours():
+    frame = summary_frame(aggregate([_record(0.3, 0.7, 0, model="tiny-qwen2moe")]))
+    assert frame.loc["GA+UOE", "paper FA"] == pytest.approx(0.2987)
+    assert frame.loc["GA+UOE", "paper UT"] == pytest.approx(0.5012)
+    no_twin = summary_frame(aggregate([_record(0.3, 0.7, 0, model="tiny-dense")]))
+    assert math.isnan(no_twin.loc["GA+UOE", "paper FA"])
+
+
+# --------------------------------------------------------------------------------------
+# The paper's numbers
+# --------------------------------------------------------------------------------------
+
+
+def test_paper_tables_hold_what_the_paper_says():
+    assert paper_result("Qwen1.5-MoE", "ga", "full") == (0.2953, 0.3393)  # Table 2
+    assert paper_result("tiny-deepseek", "rmu", "uoe") == (0.2859, 0.5424)  # Table 2, via the zoo twin
+    assert paper_result("tiny-qwen2moe", "graddiff", "full", "RWKU") == (0.0700, 0.5296)
+    assert paper_result("Mixtral-8x7B", "ga", "esft") == (0.2547, 0.6386)  # Table 4
+    assert paper_result("DeepSeek-V2-Lite", "original", "none") == (0.3804, 0.5548)
+    # Table 4's UOE row is Table 2's GA+UOE
+    frame = paper_frame("WMDP")
+    assert frame.loc[("Qwen1.5-MoE", "ga", "lora"), "UT"] == pytest.approx(0.2689)
+    assert PAPER_PARAMETER_RATIOS["Qwen1.5-MoE"] == {"lora": 0.87, "esft": 3.13, "uoe": 0.06}
+    assert PAPER_PARAMETER_RATIOS["Mixtral-8x7B"]["esft"] == 14.0
+    with pytest.raises(KeyError, match="no ga/full result"):
+        paper_result("Mixtral-8x7B", "ga", "full")  # Mixtral only ran the PEFT comparison
+    with pytest.raises(KeyError, match="no paper numbers"):
+        paper_result("tiny-dense", "ga", "full")
+    with pytest.raises(KeyError, match="unknown benchmark"):
+        paper_result("Qwen1.5-MoE", "ga", "full", "TOFU")
+
+
+# --------------------------------------------------------------------------------------
+# Bad input
+# --------------------------------------------------------------------------------------
+
+
+def test_baseline_rejects_bad_cells():
+    with pytest.raises(ValueError, match="unknown method"):
+        Baseline("sgd")
+    with pytest.raises(ValueError, match="unknown baseline scope"):
+        Baseline("ga", "per_layer")
+    with pytest.raises(ValueError, match="learning rate"):
+        Baseline("ga", "uoe", lr=-1e-3)
+    with pytest.raises(ValueError, match="set by the baseline"):
+        Baseline("ga", "uoe", options={"seed": 3})
+    with pytest.raises(ValueError, match="unknown UnlearnConfig option"):
+        Baseline("rmu", options={"rmu_layr": 1})
+    cell = Baseline("rmu", "full", lr=2e-3, options={"rmu_layer": 1})
+    cfg = cell.config(UnlearnConfig(lr=1e-4, steps=7), seed=3)
+    assert (cfg.method, cfg.lr, cfg.seed, cfg.rmu_layer, cfg.steps) == ("rmu", 2e-3, 3, 1, 7)
+    assert cell.label == "RMU" and Baseline("npo", "esft").label == "NPO+ESFT"
+
+
+def test_run_grid_rejects_bad_input_before_training():
+    model, tok = object(), object()
+
+    def evaluate(m):
+        return {"forget_accuracy": 0.5, "utility_accuracy": 0.5}
+
+    args = (model, tok, ["forget text"], ["retain text"])
+    cfg = UnlearnConfig()
+    with pytest.raises(ValueError, match="no seeds"):
+        run_grid(*args, [Baseline("ga")], [], cfg, evaluate=evaluate)
+    with pytest.raises(ValueError, match="no baselines"):
+        run_grid(*args, [], [0], cfg, evaluate=evaluate)
+    with pytest.raises(ValueError, match="distinct"):
+        run_grid(*args, [Baseline("ga")], [0, 0], cfg, evaluate=evaluate)
+    with pytest.raises(ValueError, match="once"):
+        run_grid(*args, [Baseline("ga"), Baseline("ga", lr=1e-3)], [0], cfg, evaluate=evaluate)
+    with pytest.raises(ValueError, match="oracle"):
+        run_grid(*args, [Baseline("ga")], [0], cfg, evaluate=evaluate, oracle=model)
+    with pytest.raises(ValueError, match="forget set is empty"):
+        run_grid(model, tok, [], ["r"], [Baseline("ga")], [0], cfg, evaluate=evaluate)
+    with pytest.raises(ValueError, match="must return"):
+        run_grid(*args, [Baseline("ga")], [0], cfg, evaluate=evaluate, before={"forget_accuracy": 0.5})
+
+
+# --------------------------------------------------------------------------------------
+# A real grid on a tiny zoo model
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def setup():
+    world = build_world(0)
+    model, tok = load_zoo_model("tiny-qwen2moe")
+    aff = expert_affinity(
+        model, routing.batches(tok, world.forget_corpus[:64], batch_size=16, max_length=128)
+    )
+    return world, model, tok, aff
+
+
+def _likelihood_evaluator(tok, world):
+    """A cheap stand-in for FA/UT: the mean per-token likelihood on a few forget / retain documents."""
+    fb = list(routing.batches(tok, world.forget_corpus[:8], batch_size=8, max_length=64))
+    rb = list(routing.batches(tok, world.retain_corpus[:8], batch_size=8, max_length=64))
+
+    @torch.no_grad()
+    def evaluate(model):
+        out = {}
+        for key, bs in (("forget_accuracy", fb), ("utility_accuracy", rb)):
+            total, count = per_sequence_nll(
+                model(**bs[0]).logits, bs[0]["input_ids"], bs[0]["attention_mask"]
+            )
+            out[key] = math.exp(-float(total.sum() / count.sum()))
+        return out
+
+    return evaluate
+
+
+def test_run_grid_trains_copies_and_uoe_changes_only_the_target(setup):
+    world, model, tok, aff = setup
+    oracle, _ = load_zoo_model("tiny-qwen2moe-oracle")
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    evaluate = _likelihood_evaluator(tok, world)
+    calls = []
+
+    def counting(m):
+        calls.append(1)
+        return evaluate(m)
+
+    cfg = UnlearnConfig(lr=3e-3, steps=2, eval_every=1, monitor_docs=4, max_length=64)
+    cells = [Baseline("ga", "uoe"), Baseline("ga", "full", lr=1e-3), Baseline("ga", "lora")]
+    grid = run_grid(model, tok, world.forget_corpus[:8], world.retain_corpus[:8], cells, [0, 1], cfg,
+                    evaluate=counting, model_name="tiny-qwen2moe", affinity=aff, oracle=oracle,
+                    oracle_texts=(world.forget_corpus[:4], world.retain_corpus[:4]),
+                    keep=lambda cell, seed: cell.scope == "uoe" and seed == 0)  # fmt: skip
+    # the base model is untouched; its evaluation (1 call) stands for every run's step 0,
+    # and each run evaluates its 2 steps
+    assert not changed_parameters(model, state)
+    assert len(calls) == 1 + len(cells) * 2 * 2
+    assert [(r.label, r.seed) for r in grid.records] == [(c.label, s) for c in cells for s in (0, 1)]
+    assert all(r.step == 2 and r.reached is None for r in grid.records)
+    assert grid.records[0].forget_accuracy_before == pytest.approx(evaluate(model)["forget_accuracy"])
+
+    # the kept UOE copy changed only the target expert's slice and the target router
+    layer, expert = aff.target
+    kept = grid.results[("GA+UOE", 0)].model
+    assert grid.results[("GA+UOE", 1)].model is None and grid.results[("GA", 0)].model is None
+    changed = changed_parameters(kept, state)
+    lay = next(m for m in find_moe_layers(kept) if m.layer_index == layer)
+    assert changed and set(changed) <= set(lay.expert_parameters()) | set(lay.router_parameters())
+    assert any(name in lay.router_parameters() for name in changed)
+    for name in lay.expert_parameters():
+        if name in changed:
+            assert changed[name].nonzero().flatten().tolist() == [expert]
+
+    # the two seeds see the forget batches in different orders
+    uoe0, uoe1 = grid.records[0], grid.records[1]
+    assert (uoe0.forget_accuracy, uoe0.utility_accuracy) != (uoe1.forget_accuracy, uoe1.utility_accuracy)
+    # every run has a finite, positive distance to the oracle (LoRA through its peft wrapper)
+    assert all(r.oracle is not None and 0 < r.oracle.kl_forget < math.inf for r in grid.records)
+    full_rec, lora_rec = grid.records[2], grid.records[4]
+    assert full_rec.fraction == 1.0 and 0 < uoe0.fraction < lora_rec.fraction < 1
+
+    frame = grid.summary_frame()
+    assert list(frame.index) == ["GA+UOE", "GA", "GA+LoRA"]
+    assert frame.loc["GA+UOE", "seeds"] == 2
+    assert frame.loc["GA+UOE", "FA mean"] == pytest.approx((uoe0.forget_accuracy + uoe1.forget_accuracy) / 2)
+    assert frame.loc["GA", "paper UT"] == pytest.approx(0.3393)
+    assert len(grid.frame()) == 6 and "KL to oracle (forget)" in grid.frame()
+
+
+def test_parameter_ratios_count_by_hand_and_leave_the_model_alone(setup):
+    _, model, _, aff = setup
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    table = parameter_ratios(model, ("uoe", "esft", "lora"), affinity=aff, model_name="tiny-qwen2moe")
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert type(model).__name__ == "Qwen2MoeForCausalLM"
+    layer, _ = aff.target
+    lay = next(m for m in find_moe_layers(model) if m.layer_index == layer)
+    one_expert = sum(p.numel() // lay.num_experts for p in lay.expert_parameters().values())
+    router = sum(p.numel() for p in lay.router_parameters().values())
+    total = sum(p.numel() for p in model.parameters())
+    row = table.set_index("scope").loc["uoe"]
+    assert row["trainable"] == one_expert + router and row["total"] == total
+    assert row["trainable %"] == pytest.approx(100 * (one_expert + router) / total)
+    assert row["paper %"] == 0.06
+    esft_row = table.set_index("scope").loc["esft"]
+    assert esft_row["trainable"] % (one_expert) == 0  # whole experts, no router
+    with pytest.raises(ValueError, match="unknown baseline scopes"):
+        parameter_ratios(model, ("per_layer",), affinity=aff)
