@@ -601,23 +601,26 @@ class PipelineReport:
     memory: str
     device: str
 
-    def scores(self) -> list[dict[str, Any]]:
-        """One row per score: before, after and the change."""
-        return [
-            {"model": self.model, "method": f"{self.method} ({self.scope})", "score": k,
-             "before": self.before[k], "after": self.after.get(k, math.nan),
-             "change": self.after.get(k, math.nan) - self.before[k]}
-            for k in self.before
-        ]  # fmt: skip
+    def scores(self) -> dict[str, Any]:
+        """One row: every score before and after (FA and UT, then the probes)."""
+        row: dict[str, Any] = {"model": self.model, "method": self.method, "scope": self.scope}
+        for key, before in self.before.items():
+            short = _SHORT.get(key, key)
+            row[f"{short} before"] = before
+            row[f"{short} after"] = self.after.get(key, math.nan)
+        return row
 
     def costs(self) -> dict[str, Any]:
         """One row: where the time went, step cost and peak memory."""
-        row: dict[str, Any] = {"model": self.model, "method": f"{self.method} ({self.scope})",
+        row: dict[str, Any] = {"model": self.model, "method": self.method, "scope": self.scope,
                                "device": self.device, "trainable": self.trainable,
                                "steps": self.steps_run, "s / step": self.seconds_per_step}  # fmt: skip
         row.update({f"{stage} (s)": s for stage, s in self.seconds.items()})
         row["peak (MiB)"] = self.peak_mib
         return row
+
+
+_SHORT = {"forget_accuracy": "FA", "utility_accuracy": "UT"}
 
 
 def _score(model: nn.Module, tokenizer: Any, bench: Benchmark, max_new_tokens: int) -> dict[str, float]:
