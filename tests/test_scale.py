@@ -128,3 +128,41 @@ def test_benchmark_bad_input():
         scale.load_benchmark("mmlu", tokenizer=None)
     with pytest.raises(ValueError, match="empty forget set"):
         scale.Benchmark("empty", [], ["keep"], evaluate=lambda m: {})
+
+
+def test_real_benchmarks_are_wired_to_the_loaders_and_lm_eval(monkeypatch):
+    """Full-mode benchmarks (no hub here): the loaders and lm-eval are replaced by fakes that
+    record their arguments, and the benchmark must pass them through and map the scores."""
+    from uoe_nb import data, evaluation
+
+    calls = {}
+    monkeypatch.setattr(
+        data, "load_wikitext", lambda limit: calls.setdefault("wikitext", limit) and ["keep"] * 3
+    )
+    monkeypatch.setattr(
+        data, "load_wmdp_corpus", lambda s, w, limit: calls.setdefault("wmdp", (s, w, limit)) and ["x"]
+    )
+    monkeypatch.setattr(data, "load_rwku_targets", lambda: ["Ada", "Bob"])
+    probe = {"query": "the vorn crystal ___", "answer": "zapeivux", "level": 1, "subject": "Ada"}
+    monkeypatch.setattr(data, "load_rwku_probes", lambda subjects: [dict(probe)] * 4)
+    monkeypatch.setattr(data, "load_rwku_neighbor_probes", lambda subjects: [dict(probe)] * 2)
+    monkeypatch.setattr(
+        data, "load_rwku_passages", lambda subjects: calls.setdefault("passages", subjects) and ["p"]
+    )
+
+    def fake_lm_eval(model, tokenizer, tasks, limit=None):
+        calls.setdefault("tasks", []).append((tuple(tasks), limit))
+        return {"wmdp_cyber": 0.3, "mmlu": 0.5}
+
+    monkeypatch.setattr(evaluation, "lm_eval_tasks", fake_lm_eval)
+    model, tokenizer = load_zoo_model("tiny-qwen2moe")
+    wmdp = scale.load_benchmark("wmdp", tokenizer, forget_limit=7, retain_limit=9, eval_limit=11)
+    assert wmdp.evaluate(model) == {"forget_accuracy": 0.3, "utility_accuracy": 0.5}
+    assert calls["wmdp"] == ("cyber", "forget", 7) and calls["wikitext"] == 9
+    assert calls["tasks"] == [(("wmdp_cyber", "mmlu"), 11)]
+    rwku = scale.load_benchmark("rwku", tokenizer, probe_limit=3, eval_limit=5)
+    assert calls["passages"] == ["Ada"]  # the first target by default
+    assert len(rwku.forget_probes) == 3 and len(rwku.neighbor_probes) == 2
+    scores = rwku.evaluate(model)
+    assert scores["utility_accuracy"] == 0.5 and calls["tasks"][-1] == (("mmlu",), 5)
+    assert 0.0 <= scores["forget_accuracy"] <= 1.0
