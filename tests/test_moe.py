@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from toy_moe import RemoteStyleModel
 
 from uoe_nb.families import random_model, tiny_config
 from uoe_nb.moe import (
@@ -113,7 +114,9 @@ def test_captured_weights_match_hand_computation(family):
     for lay in find_moe_layers(model):
         hooks.append(
             lay.router.register_forward_pre_hook(
-                lambda m, a, i=lay.layer_index: inputs.__setitem__(i, a[0].detach().reshape(-1, a[0].shape[-1]))
+                lambda m, a, i=lay.layer_index: inputs.__setitem__(
+                    i, a[0].detach().reshape(-1, a[0].shape[-1])
+                )
             )
         )
     batch = _batch(seed=5)
@@ -230,46 +233,9 @@ def test_parameter_counts_active_vs_total():
     assert parameter_counts(dense)["active"] == parameter_counts(dense)["total"]
 
 
-class _RemoteStyleBlock(torch.nn.Module):
-    """A remote-code style MoE block: a Linear ``gate`` and an ``experts`` ModuleList."""
-
-    def __init__(self, hidden=16, experts=4, top_k=2):
-        super().__init__()
-        self.top_k = top_k
-        self.gate = torch.nn.Linear(hidden, experts, bias=False)
-        self.experts = torch.nn.ModuleList(torch.nn.Linear(hidden, hidden) for _ in range(experts))
-
-    def forward(self, x):
-        flat = x.reshape(-1, x.shape[-1])
-        scores = torch.softmax(self.gate(flat), -1)
-        w, idx = torch.topk(scores, self.top_k, -1)
-        out = torch.zeros_like(flat)
-        for k in range(self.top_k):
-            for e, expert in enumerate(self.experts):
-                sel = idx[:, k] == e
-                if sel.any():
-                    out[sel] += w[sel, k, None] * expert(flat[sel])
-        return out.reshape(x.shape)
-
-
-class _RemoteStyleModel(torch.nn.Module):
-    def __init__(self, vocab=50, hidden=16):
-        super().__init__()
-        self.embed = torch.nn.Embedding(vocab, hidden)
-        self.layers = torch.nn.ModuleList(
-            [torch.nn.Linear(hidden, hidden), _RemoteStyleBlock(hidden), _RemoteStyleBlock(hidden)]
-        )
-
-    def forward(self, input_ids, attention_mask=None):
-        h = self.embed(input_ids)
-        for layer in self.layers:
-            h = h + layer(h)
-        return h
-
-
 def test_remote_code_style_per_expert_modules():
     torch.manual_seed(0)
-    model = _RemoteStyleModel()
+    model = RemoteStyleModel()
     layers = find_moe_layers(model)
     assert [lay.layer_index for lay in layers] == [1, 2]
     assert all(not lay.fused and lay.num_experts == 4 and lay.top_k == 2 for lay in layers)

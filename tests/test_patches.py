@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from toy_moe import RemoteStyleModel
 
 from uoe_nb.families import random_model, tiny_config
 from uoe_nb.moe import make_trainable, moe_layer
@@ -281,42 +282,9 @@ def test_make_patch_bad_input(unlearned):
     )
 
 
-class _ModuleExpertsBlock(torch.nn.Module):
-    """A remote-code style MoE block: a Linear ``gate`` and one module per expert."""
-
-    def __init__(self, hidden=16, experts=4, top_k=2):
-        super().__init__()
-        self.top_k = top_k
-        self.gate = torch.nn.Linear(hidden, experts, bias=False)
-        self.experts = torch.nn.ModuleList(torch.nn.Linear(hidden, hidden) for _ in range(experts))
-
-    def forward(self, x):
-        scores = torch.softmax(self.gate(x), -1)
-        w, idx = torch.topk(scores, self.top_k, -1)
-        out = torch.zeros_like(x)
-        for k in range(self.top_k):
-            for e, expert in enumerate(self.experts):
-                sel = idx[..., k] == e
-                out[sel] += w[..., k][sel, None] * expert(x[sel])
-        return out
-
-
-class _ModuleExpertsModel(torch.nn.Module):
-    def __init__(self, vocab=50, hidden=16):
-        super().__init__()
-        self.embed = torch.nn.Embedding(vocab, hidden)
-        self.layers = torch.nn.ModuleList([_ModuleExpertsBlock(hidden), _ModuleExpertsBlock(hidden)])
-
-    def forward(self, input_ids, attention_mask=None):
-        h = self.embed(input_ids)
-        for layer in self.layers:
-            h = h + layer(h)
-        return h
-
-
 def test_patch_on_per_expert_modules():
     torch.manual_seed(0)
-    model = _ModuleExpertsModel()
+    model = RemoteStyleModel(dense_first=False)
     base = _snapshot(model)
     selection = make_trainable(model, {1: [2]})
     optimizer = torch.optim.SGD(selection.parameters(), lr=0.5)
@@ -330,7 +298,7 @@ def test_patch_on_per_expert_modules():
     assert patch.info.experts == {1: [2, 3]}
     target = _snapshot(model)
     torch.manual_seed(0)
-    fresh = _ModuleExpertsModel()
+    fresh = RemoteStyleModel(dense_first=False)
     apply_patch(fresh, patch)
     assert all(torch.equal(v, target[k]) for k, v in fresh.state_dict().items())
     revert_patch(fresh, patch)
