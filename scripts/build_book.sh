@@ -6,11 +6,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/setup.sh"
 cd "$ROOT"
 
-export UOE_NB_MODE="${UOE_NB_MODE:-tiny}"
-# Tiny models run fastest on one thread; chapters execute one after another.
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-export MKL_NUM_THREADS="${MKL_NUM_THREADS:-$OMP_NUM_THREADS}"
-export UOE_NB_PROGRESS="${UOE_NB_PROGRESS:-0}"
+source "$ROOT/scripts/tiny_env.sh"
 
 start=$SECONDS
 echo "build_book: UOE_NB_MODE=$UOE_NB_MODE OMP_NUM_THREADS=$OMP_NUM_THREADS"

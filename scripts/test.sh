@@ -9,11 +9,7 @@ trap 'echo "test: finished in $((SECONDS - start)) s"' EXIT
 source "$ROOT/scripts/setup.sh"
 cd "$ROOT"
 
-export UOE_NB_MODE="${UOE_NB_MODE:-tiny}"
-# Two pytest workers on two cores: one thread each (tiny models are fastest that way).
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-export MKL_NUM_THREADS="${MKL_NUM_THREADS:-$OMP_NUM_THREADS}"
-export UOE_NB_PROGRESS="${UOE_NB_PROGRESS:-0}"
+source "$ROOT/scripts/tiny_env.sh"
 workers="${UOE_NB_TEST_WORKERS:-2}"
 
 failed=0
