@@ -166,3 +166,9 @@ def test_real_benchmarks_are_wired_to_the_loaders_and_lm_eval(monkeypatch):
     scores = rwku.evaluate(model)
     assert scores["utility_accuracy"] == 0.5 and calls["tasks"][-1] == (("mmlu",), 5)
     assert 0.0 <= scores["forget_accuracy"] <= 1.0
+
+
+def test_footprint_markdown_has_one_row_per_preset():
+    lines = scale.footprint_markdown(["granite-3.0-1b-a400m", "olmoe-1b-7b"]).splitlines()
+    assert lines[0].startswith("| model | family | parameters (B)") and len(lines) == 4
+    assert lines[2].startswith("| `granite-3.0-1b-a400m` | granitemoe | 1.335 |")

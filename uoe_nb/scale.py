@@ -710,3 +710,23 @@ def run_pipeline(
         device=str(device),
     )
     return report, result
+
+
+def footprint_markdown(names: Sequence[str] | None = None) -> str:
+    """The footprint of each preset (default: all) as a Markdown table (``python -m uoe_nb.scale``)."""
+    rows = [footprint(name, name=name).as_row() for name in (names or ARCHITECTURES)]
+    header = list(rows[0])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [
+            f"{v:,.3f}" if isinstance(v, float) else f"`{v}`" if k == "model" else str(v)
+            for k, v in row.items()
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.stdout.write(footprint_markdown(sys.argv[1:] or None) + "\n")
