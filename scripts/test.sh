@@ -13,8 +13,12 @@ source "$ROOT/scripts/tiny_env.sh"
 workers="${UOE_NB_TEST_WORKERS:-2}"
 
 failed=0
-echo "test: ruff check uoe_nb tests scripts"
-ruff check uoe_nb tests scripts || failed=1
+echo "test: ruff check uoe_nb tests scripts benchmarks"
+ruff check uoe_nb tests scripts benchmarks || failed=1
+# Chapters: pyflakes rules only, which also cover the full-mode branches that tiny mode never runs
+# (an undefined name there would only show on a GPU).
+echo "test: ruff check --select F book"
+ruff check --select F book || failed=1
 
 # --dist loadfile keeps all cells of a notebook on one worker (one kernel per notebook);
 # the default distribution would scatter them and break their shared state.
