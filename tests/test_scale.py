@@ -150,16 +150,26 @@ def test_real_benchmarks_are_wired_to_the_loaders_and_lm_eval(monkeypatch):
         data, "load_rwku_passages", lambda subjects: calls.setdefault("passages", subjects) and ["p"]
     )
 
-    def fake_lm_eval(model, tokenizer, tasks, limit=None):
+    def fake_lm_eval(model, tokenizer, tasks, limit=None, task_manager=None):
         calls.setdefault("tasks", []).append((tuple(tasks), limit))
+        calls.setdefault("managers", []).append(task_manager)
         return {"wmdp_cyber": 0.3, "mmlu": 0.5}
 
+    class FakeTaskManager:
+        pass
+
+    import lm_eval.tasks
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", FakeTaskManager)
     monkeypatch.setattr(evaluation, "lm_eval_tasks", fake_lm_eval)
     model, tokenizer = load_zoo_model("tiny-qwen2moe")
     wmdp = scale.load_benchmark("wmdp", tokenizer, forget_limit=7, retain_limit=9, eval_limit=11)
     assert wmdp.evaluate(model) == {"forget_accuracy": 0.3, "utility_accuracy": 0.5}
     assert calls["wmdp"] == ("cyber", "forget", 7) and calls["wikitext"] == 9
-    assert calls["tasks"] == [(("wmdp_cyber", "mmlu"), 11)]
+    wmdp.evaluate(model)
+    assert calls["tasks"] == [(("wmdp_cyber", "mmlu"), 11)] * 2
+    # lm-eval's task index is built once per benchmark and reused by every evaluation.
+    assert isinstance(calls["managers"][0], FakeTaskManager) and calls["managers"][1] is calls["managers"][0]
     rwku = scale.load_benchmark("rwku", tokenizer, probe_limit=3, eval_limit=5)
     assert calls["passages"] == ["Ada"]  # the first target by default
     assert len(rwku.forget_probes) == 3 and len(rwku.neighbor_probes) == 2

@@ -546,10 +546,23 @@ def load_benchmark(
     if name not in ("wmdp", "rwku"):
         raise ValueError(f"unknown benchmark {name!r}; choose 'tiny', 'wmdp' or 'rwku'")
     retain = data.load_wikitext(limit=retain_limit)
+    managers: list[Any] = []
+
+    def task_manager() -> Any:
+        # lm-eval indexes its thousands of task files in ~15 s: do it once per benchmark,
+        # not at every periodic evaluation of an unlearning run.
+        if not managers:
+            from lm_eval.tasks import TaskManager
+
+            managers.append(TaskManager())
+        return managers[0]
+
     if name == "wmdp":
 
         def evaluate(model: nn.Module) -> dict[str, float]:
-            acc = evaluation.lm_eval_tasks(model, tokenizer, ("wmdp_cyber", "mmlu"), limit=eval_limit)
+            acc = evaluation.lm_eval_tasks(
+                model, tokenizer, ("wmdp_cyber", "mmlu"), limit=eval_limit, task_manager=task_manager()
+            )
             return {"forget_accuracy": acc["wmdp_cyber"], "utility_accuracy": acc["mmlu"]}
 
         return Benchmark(
@@ -565,7 +578,9 @@ def load_benchmark(
 
     def evaluate(model: nn.Module) -> dict[str, float]:
         forget = evaluation.probe_rouge_recall(model, tokenizer, probes).mean
-        acc = evaluation.lm_eval_tasks(model, tokenizer, ("mmlu",), limit=eval_limit)
+        acc = evaluation.lm_eval_tasks(
+            model, tokenizer, ("mmlu",), limit=eval_limit, task_manager=task_manager()
+        )
         return {"forget_accuracy": forget, "utility_accuracy": acc["mmlu"]}
 
     return Benchmark(
