@@ -1,7 +1,7 @@
 """Prompt attacks on an unlearned model: Greedy Coordinate Gradient (Appendix B, Tables 8-9; Chapter 7).
 
 The paper checks whether a white-box prompt attack brings forgotten knowledge back: GCG
-{Zou et al. 2023} optimises an adversarial suffix so that the model's answer starts with
+(Zou et al. 2023) optimises an adversarial suffix so that the model's answer starts with
 "Sure, here is the answer:", and forget accuracy is measured with and without it
 (Table 9; Table 8 shows generations). This module implements GCG from the algorithm and
 the helpers that *measure* the attack.
@@ -86,7 +86,8 @@ class GCGConfig:
 
     The paper ran 5000 steps with GCG's other defaults (suffix of 20 tokens, top-k 256,
     512 candidates per step). ``prompts_per_step`` prompts (a seeded random subset when
-    there are more) are used for each step's gradient and candidate losses.
+    there are more) are used for each step's gradient and candidate losses; with a subset,
+    the best-so-far suffix is judged on the losses of the subsets it was measured on.
     ``eval_batch_size`` only chunks the candidate forward passes (memory, not results).
     """
 
@@ -344,10 +345,12 @@ def token_gradients(
     ``grad[i, v]`` is the first-order change of the loss when token ``v`` is put at suffix
     position ``i``, relative to the other tokens (Zou et al. 2023, Eq. 3 of their
     Algorithm 1). Only the one-hot matrix receives a gradient; the weights get none.
+    Returned on the CPU, like the candidate search that uses it.
     """
     enc = _encode_prompts(tokenizer, prompts, target)
     with _frozen(model):
-        return _token_gradients(model, enc, range(len(prompts)), torch.tensor(list(suffix_ids)), tokenizer)
+        suffix = torch.tensor(list(suffix_ids))
+        return _token_gradients(model, enc, range(len(prompts)), suffix, tokenizer).cpu()
 
 
 def _token_gradients(model, enc: _Encoded, rows, suffix: torch.Tensor, tokenizer) -> torch.Tensor:
@@ -569,6 +572,7 @@ class AttackMeasurement:
             "FA without attack": self.without_attack.accuracy,
             "FA with attack": self.with_attack.accuracy,
             "change": self.with_attack.accuracy - self.without_attack.accuracy,
+            "stderr": self.with_attack.stderr,
         }
 
 
