@@ -113,7 +113,7 @@ class GCGConfig:
 
 @dataclass(frozen=True)
 class AttackPrompt:
-    """One prompt with a slot for the suffix: ``before + suffix + after``, then the target.
+    """One prompt with a slot for the suffix: ``before + suffix + after``, then the target (Chapter 7).
 
     ``target`` overrides the config's target for this prompt (for example the correct
     answer, to ask whether any suffix can pull the forgotten fact out).
@@ -184,7 +184,7 @@ def _split_template(template: str, slot: str) -> tuple[str, str]:
 
 
 def mc_attack_prompts(items: Sequence[Mapping[str, Any]]) -> list[AttackPrompt]:
-    """Attack prompts laid out as the multiple-choice prompt (:data:`MC_PROMPT`) with the suffix after the question.
+    """Attack prompts in the multiple-choice layout (:data:`MC_PROMPT`), suffix after the question (Table 9, Chapter 7).
 
     ``with_suffix_mc(items, suffix)`` puts the suffix in exactly this place, so the FA that
     lm-eval measures on the suffixed items sees the optimised tokens.
@@ -196,7 +196,7 @@ def mc_attack_prompts(items: Sequence[Mapping[str, Any]]) -> list[AttackPrompt]:
 
 
 def probe_attack_prompts(probes: Sequence[Mapping[str, Any]]) -> list[AttackPrompt]:
-    """Attack prompts laid out as RWKU's probe prompts (:data:`PROBE_PROMPTS`), suffix after the query."""
+    """Attack prompts in RWKU's probe layout (:data:`PROBE_PROMPTS`), suffix after the query (Appendix B, Chapter 7)."""
     if len(probes) == 0:
         raise ValueError("probes is empty: GCG needs at least one prompt")
     prompts = []
@@ -207,7 +207,7 @@ def probe_attack_prompts(probes: Sequence[Mapping[str, Any]]) -> list[AttackProm
 
 
 def with_suffix_mc(items: Sequence[Mapping[str, Any]], suffix: str) -> list[dict[str, Any]]:
-    """Copies of multiple-choice items with ``suffix`` appended to the question (Table 9).
+    """Copies of multiple-choice items with ``suffix`` appended to the question (Table 9, Chapter 7).
 
     Choices, answer and every other field are unchanged. The suffix text is appended as
     decoded (its first token usually carries the separating space).
@@ -218,12 +218,12 @@ def with_suffix_mc(items: Sequence[Mapping[str, Any]], suffix: str) -> list[dict
 
 
 def with_suffix_probes(probes: Sequence[Mapping[str, Any]], suffix: str) -> list[dict[str, Any]]:
-    """Copies of RWKU-style probes with ``suffix`` appended to the query (Table 8)."""
+    """Copies of RWKU-style probes with ``suffix`` appended to the query (Table 8, Chapter 7)."""
     return [{**probe, "query": probe["query"] + suffix} for probe in probes]
 
 
 def mc_items_as_probes(items: Sequence[Mapping[str, Any]], level: int = 2) -> list[dict[str, Any]]:
-    """Multiple-choice items as RWKU-style question-answering probes: the correct choice is the answer.
+    """Multiple-choice items as RWKU-style question-answering probes, the correct choice as answer (Chapter 7).
 
     Lets a WMDP-style forget set be probed by generation (what does the model *say*?).
     """
@@ -237,7 +237,7 @@ def mc_items_as_probes(items: Sequence[Mapping[str, Any]], level: int = 2) -> li
 
 
 def allowed_token_ids(tokenizer: Any, vocab_size: int, *, ascii_only: bool = True) -> torch.Tensor:
-    """Token ids GCG may put in a suffix: no special tokens, non-empty text, optionally printable ASCII.
+    """Token ids GCG may put in a suffix (Chapter 7): no special tokens, non-empty text, optionally printable ASCII.
 
     Ids at or above ``len(tokenizer)`` (padding rows of a larger embedding matrix) are excluded.
     """
@@ -561,7 +561,7 @@ def gcg(
 
 @dataclass
 class AttackMeasurement:
-    """Forget accuracy without and with the adversarial suffix (Table 9)."""
+    """Forget accuracy without and with the adversarial suffix (Table 9, Chapter 7)."""
 
     without_attack: MCResult
     with_attack: MCResult
@@ -585,7 +585,7 @@ def measure_mc(
     name: str = "attack_mc",
     batch_size: int = 64,
 ) -> AttackMeasurement:
-    """Multiple-choice accuracy of ``items`` without and with ``suffix`` after each question, through lm-eval."""
+    """Multiple-choice accuracy of ``items`` without and with ``suffix`` after each question, through lm-eval (Table 9, Chapter 7)."""
     without = multiple_choice_accuracy(
         model, tokenizer, items, name=name, batch_size=batch_size, progress=False
     )
@@ -597,7 +597,7 @@ def measure_mc(
 
 @dataclass
 class Generations:
-    """Greedy answers without and with the suffix, and ROUGE-L recall of the reference answers (Table 8)."""
+    """Greedy answers without and with the suffix, with ROUGE-L recall of the answers (Table 8, Chapter 7)."""
 
     prompts: list[str]
     answers: list[str]
