@@ -499,12 +499,13 @@ class Benchmark:
             raise ValueError(f"benchmark {self.name!r} has an empty forget set")
 
 
-def tiny_benchmark(tokenizer: Any, seed: int = 0) -> Benchmark:
-    """The tiny world (Chapter 1): crystal passages to forget, everyday text to keep."""
+def tiny_benchmark(tokenizer: Any) -> Benchmark:
+    """The tiny world the zoo models learned (Chapter 1): crystal passages to forget, everyday text to keep."""
     from .unlearn import world_evaluator
     from .world import build_world
+    from .zoo import WORLD_SEED
 
-    world = build_world(seed)
+    world = build_world(WORLD_SEED)
     return Benchmark(
         name="tiny world",
         forget_texts=list(world.forget_corpus),
@@ -521,7 +522,6 @@ def load_benchmark(
     name: str,
     tokenizer: Any,
     *,
-    seed: int = 0,
     forget_limit: int = 2000,
     retain_limit: int = 2000,
     eval_limit: int | None = 200,
@@ -542,7 +542,7 @@ def load_benchmark(
     from . import data, evaluation
 
     if name == "tiny":
-        return tiny_benchmark(tokenizer, seed)
+        return tiny_benchmark(tokenizer)
     if name not in ("wmdp", "rwku"):
         raise ValueError(f"unknown benchmark {name!r}; choose 'tiny', 'wmdp' or 'rwku'")
     retain = data.load_wikitext(limit=retain_limit)
