@@ -12,8 +12,8 @@ the hub, and nothing else:
 * ``uoe_nb.evaluation.lm_eval_tasks`` scores ``wmdp_*`` on the world's forget questions
   and ``mmlu`` on its utility questions through the same lm-eval path tiny mode uses.
 
-It also caps every unlearning run at ``max_steps`` steps (full-mode budgets are hundreds
-of steps). The point is to execute every full-mode line of a chapter; its numbers mean
+It also caps every unlearning run at ``max_steps`` steps and every GCG attack at two steps
+of eight candidates (full-mode budgets are hundreds or thousands of steps). The point is to execute every full-mode line of a chapter; its numbers mean
 nothing, so science asserts that hold only for real budgets may fail and are reported
 separately by the test.
 """
@@ -107,4 +107,15 @@ def install(max_steps: int = 4) -> None:
         return validate(self)
 
     UnlearnConfig.validate = capped
+
+    from uoe_nb.attacks import GCGConfig
+
+    gcg_validate = GCGConfig.validate
+
+    def gcg_capped(self):  # the paper's 5000 GCG steps would take hours here
+        self.steps, self.candidates = min(self.steps, 2), min(self.candidates, 8)
+        self.top_k, self.prompts_per_step = min(self.top_k, 16), min(self.prompts_per_step, 4)
+        return gcg_validate(self)
+
+    GCGConfig.validate = gcg_capped
     torch.set_num_threads(1)
