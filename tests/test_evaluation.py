@@ -478,3 +478,18 @@ def test_result_rows():
     assert mc.as_row(model="m") == {"model": "m", "accuracy": 0.5, "stderr": 0.5, "n": 2}
     pr = ev.ProbeResult(mean=0.25, by_level={2: 0.5, 1: 0.0}, scores=[0.0, 0.5], generations=["", "x"])
     assert pr.as_row() == {"mean": 0.25, "level_1": 0.0, "level_2": 0.5}
+
+
+def test_greedy_generate_batches_like_single_prompts(world):
+    """Left-padded batches give each prompt the continuation it gets alone; settings are restored."""
+    model, tokenizer = world
+    prompts = [ev.probe_prompt(probe(n, 1)) for n in NAMES[:3]] + ["a much longer prompt " * 3]
+    side, pad, mode = tokenizer.padding_side, tokenizer.pad_token, model.training
+    model.train()
+    batched = ev.greedy_generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=4)
+    alone = [ev.greedy_generate(model, tokenizer, [p], max_new_tokens=6)[0] for p in prompts]
+    assert batched == alone and all("\n" not in g for g in batched)
+    assert (tokenizer.padding_side, tokenizer.pad_token, model.training) == (side, pad, True)
+    model.train(mode)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        ev.greedy_generate(model, tokenizer, prompts, max_new_tokens=0)

@@ -45,7 +45,7 @@ from .evaluation import (
     MC_PROMPT,
     PROBE_PROMPTS,
     MCResult,
-    _generate,
+    greedy_generate,
     multiple_choice_accuracy,
     rouge_l_recall,
 )
@@ -659,23 +659,12 @@ def generate_with_suffix(
             f"give one answer per prompt and at least one prompt ({len(prompts)} vs {len(answers)})"
         )
     outputs: dict[str, list[str]] = {}
-    old_side, old_pad = tokenizer.padding_side, tokenizer.pad_token
-    try:
-        tokenizer.padding_side = "left"
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        with _frozen(model):
-            for key, text in (("without", ""), ("with", suffix)):
-                texts = [p.before + text + p.after for p in prompts]
-                outputs[key] = [
-                    g
-                    for start in range(0, len(texts), batch_size)
-                    for g in _generate(model, tokenizer, texts[start : start + batch_size], max_new_tokens)
-                ]
-    finally:
-        tokenizer.padding_side = old_side
-        if tokenizer.pad_token != old_pad:
-            tokenizer.pad_token = old_pad
+    with _frozen(model):
+        for key, text in (("without", ""), ("with", suffix)):
+            texts = [p.before + text + p.after for p in prompts]
+            outputs[key] = greedy_generate(
+                model, tokenizer, texts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=False
+            )
     return Generations(
         prompts=[p.before + p.after for p in prompts],
         answers=list(answers),

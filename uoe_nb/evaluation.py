@@ -47,6 +47,7 @@ __all__ = [
     "WorldScores",
     "choice_loglikelihoods",
     "evaluate_world",
+    "greedy_generate",
     "lm_eval_tasks",
     "multiple_choice_accuracy",
     "multiple_choice_accuracy_reference",
@@ -590,6 +591,49 @@ def _generate(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: in
     return [text.split("\n", 1)[0].strip() for text in texts]
 
 
+def greedy_generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 30,
+    batch_size: int = 16,
+    progress: bool | None = None,
+) -> list[str]:
+    """Greedy continuations of ``prompts``, each cut at its first newline (Chapters 1, 7).
+
+    Batches are left-padded; a tokenizer without a pad token pads with its
+    end-of-sequence token. The tokenizer's padding settings and the model's train/eval
+    mode are restored afterwards.
+    """
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if tokenizer.pad_token is None and tokenizer.eos_token is None:
+        raise ValueError(
+            "the tokenizer has neither a pad nor an end-of-sequence token: set tokenizer.pad_token first"
+        )
+    prompts = list(prompts)
+    old_side, old_pad = tokenizer.padding_side, tokenizer.pad_token
+    generations: list[str] = []
+    try:
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        with _eval_mode(model):
+            starts = range(0, len(prompts), batch_size)
+            for start in tqdm(starts, desc="generate", disable=not _progress_enabled(progress)):
+                generations += _generate(
+                    model, tokenizer, prompts[start : start + batch_size], max_new_tokens
+                )
+    finally:
+        tokenizer.padding_side = old_side
+        if tokenizer.pad_token != old_pad:
+            tokenizer.pad_token = old_pad
+    return generations
+
+
 def probe_rouge_recall(
     model: Any,
     tokenizer: Any,
@@ -609,33 +653,10 @@ def probe_rouge_recall(
     train/eval mode are restored afterwards.
     """
     _check_probes(probes)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if tokenizer.pad_token is None and tokenizer.eos_token is None:
-        raise ValueError(
-            "the tokenizer has neither a pad nor an end-of-sequence token: set tokenizer.pad_token first"
-        )
-
-    prompts = [probe_prompt(p) for p in probes]
-    old_side, old_pad = tokenizer.padding_side, tokenizer.pad_token
-    generations: list[str] = []
-    try:
-        tokenizer.padding_side = "left"
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        with _eval_mode(model):
-            starts = range(0, len(prompts), batch_size)
-            for start in tqdm(starts, desc="probes", disable=not _progress_enabled(progress)):
-                generations += _generate(
-                    model, tokenizer, prompts[start : start + batch_size], max_new_tokens
-                )
-    finally:
-        tokenizer.padding_side = old_side
-        if tokenizer.pad_token != old_pad:
-            tokenizer.pad_token = old_pad
-
+    generations = greedy_generate(
+        model, tokenizer, [probe_prompt(p) for p in probes], max_new_tokens=max_new_tokens,
+        batch_size=batch_size, progress=progress,
+    )  # fmt: skip
     scores = [rouge_l_recall(p["answer"], g) for p, g in zip(probes, generations, strict=True)]
     by_level: dict[int, list[float]] = {}
     for probe, score in zip(probes, scores, strict=True):
@@ -692,7 +713,12 @@ def evaluate_world(
         model, tokenizer, world.forget_questions, name="tiny_forget", batch_size=batch_size, progress=progress
     )
     utility = multiple_choice_accuracy(
-        model, tokenizer, world.utility_questions, name="tiny_utility", batch_size=batch_size, progress=progress
+        model,
+        tokenizer,
+        world.utility_questions,
+        name="tiny_utility",
+        batch_size=batch_size,
+        progress=progress,
     )
     by_subject: dict[str, list[bool]] = {}
     for item, ok in zip(world.utility_questions, utility.correct, strict=True):
