@@ -643,7 +643,8 @@ def parameter_ratios(
     """Trainable parameters of each scope as a share of the model (the paper's Table 3).
 
     ``affinity`` is the forget set's :class:`~uoe_nb.attribution.Affinity` (UOE's target and
-    ESFT's experts come from it). The model is left as it was. Where ``model_name`` is a
+    ESFT's experts come from it). The scopes are applied to a copy (one model's memory), so the
+    model is left as it was. Where ``model_name`` is a
     paper model or its zoo twin, the paper's percentage is shown beside ours.
     """
     scopes = list(scopes)
