@@ -20,11 +20,12 @@ ruff check uoe_nb tests scripts benchmarks || failed=1
 echo "test: ruff check --select F book"
 ruff check --select F book || failed=1
 
-# --dist loadfile keeps all cells of a notebook on one worker (one kernel per notebook);
-# the default distribution would scatter them and break their shared state.
+# --dist loadscope keeps all cells of a notebook on one worker (one kernel per notebook; the
+# default distribution would scatter them and break their shared state), and the tests of one
+# module or class together.
 echo "test: pytest tests book (UOE_NB_MODE=$UOE_NB_MODE, $workers workers)"
 rc=0
-python -m pytest -n "$workers" --dist loadfile -p no:cacheprovider \
+python -m pytest -n "$workers" --dist loadscope -p no:cacheprovider \
   --nbval-lax --nbval-current-env tests book "$@" || rc=$?
 if [[ $rc -eq 5 ]]; then
   echo "test: pytest collected no tests, which counts as a failure" >&2

@@ -14,7 +14,6 @@ import os
 from pathlib import Path
 
 import nbformat
-import pytest
 from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,8 +28,7 @@ full_mode_fakes.install()
 """
 
 
-@pytest.mark.parametrize("path", CHAPTERS, ids=[p.stem for p in CHAPTERS])
-def test_full_mode_branch_runs(path, tmp_path):
+def _check_full_mode_branch(path: Path, tmp_path: Path) -> None:
     nb = nbformat.read(path, as_version=4)
     nb.cells.insert(0, nbformat.v4.new_code_cell(PRELUDE))
     env_mode = os.environ.get("UOE_NB_MODE")
@@ -49,3 +47,21 @@ def test_full_mode_branch_runs(path, tmp_path):
                       if o.get("output_type") == "stream" and "mode=" in o.get("text", "")), "")  # fmt: skip
     assert "mode=full" in mode_line, f"the chapter did not run in full mode: {mode_line!r}"
     assert not errors, "\n".join(errors + [f"(science asserts under the capped budget: {asserts})"])
+
+
+# One test class per chapter: the test command distributes test scopes (modules and classes)
+# over its workers, so the chapters' rehearsals can run in parallel.
+def _test_class(path: Path) -> type:
+    def test_full_mode_branch_runs(self, tmp_path):
+        _check_full_mode_branch(path, tmp_path)
+
+    name = "TestFullMode_" + path.stem
+    return type(
+        name, (), {"test_full_mode_branch_runs": test_full_mode_branch_runs, "__doc__": str(path.name)}
+    )
+
+
+for _path in CHAPTERS:
+    _cls = _test_class(_path)
+    globals()[_cls.__name__] = _cls
+del _path, _cls
