@@ -51,8 +51,9 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from uoe_nb.fastpath import LayerInputCache, forward_from_layer, hidden_after_layer
-from uoe_nb.moe import NoMoELayersError, decoder_layers, find_moe_layers, make_trainable
+from uoe_nb.moe import NoMoELayersError, decoder_layers, find_moe_layers
 from uoe_nb.scale import ARCHITECTURES, MemoryMeter, state_mib
+from uoe_nb.trainable import make_trainable
 
 # Real architectures (published config.json values), built with random weights.
 CONFIGS = ARCHITECTURES

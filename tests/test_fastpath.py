@@ -19,7 +19,8 @@ from uoe_nb.fastpath import (
     hidden_after_layer,
     stop_after_layer,
 )
-from uoe_nb.moe import capture_routing, decoder_layers, find_moe_layers, make_trainable
+from uoe_nb.moe import capture_routing, decoder_layers, find_moe_layers
+from uoe_nb.trainable import make_trainable
 
 FAMILIES = ["qwen2_moe", "mixtral", "olmoe", "deepseek_v2"]
 NUM_LAYERS = 4

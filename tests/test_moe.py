@@ -9,11 +9,10 @@ from uoe_nb.moe import (
     SUPPORTED_FAMILIES,
     NoMoELayersError,
     capture_routing,
-    changed_parameters,
     find_moe_layers,
-    make_trainable,
     parameter_counts,
 )
+from uoe_nb.trainable import make_trainable
 
 # family -> (MoE layer indices for 3 decoder layers, has shared experts, scoring)
 EXPECTED = {
@@ -155,74 +154,6 @@ def test_dense_model_raises_clear_error():
         find_moe_layers(model)
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v2", "mixtral", "olmoe", "gpt_oss"])
-def test_trainable_slice_leaves_everything_else_bitwise_unchanged(family):
-    model = random_model(tiny_config(family, experts=8, top_k=2), seed=2).train()
-    target_layer = find_moe_layers(model)[-1].layer_index
-    sel = make_trainable(model, {target_layer: [5]}, routers=[target_layer])
-    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    # Weight decay on the plain group must not leak into the fused expert tensors.
-    opt = torch.optim.AdamW(sel.param_groups(weight_decay=0.1), lr=1e-2)
-    for step in range(4):
-        batch = _batch(seed=step)
-        loss = -model(**batch, labels=batch["input_ids"]).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    changed = changed_parameters(model, before)
-    lay = find_moe_layers(model)[-1]
-    expected_names = set(lay.expert_parameters()) | set(lay.router_parameters())
-    assert set(changed) == expected_names
-    for name in lay.expert_parameters():
-        rows = changed[name]
-        assert rows.tolist() == [e == 5 for e in range(8)]
-    # Exact count: one expert's slice of every fused tensor plus the whole router.
-    one_expert = sum(p[0].numel() for p in lay.expert_parameters().values())
-    router = sum(p.numel() for p in lay.router_parameters().values())
-    assert sel.num_trainable == one_expert + router
-    assert sel.num_trainable == lay.expert_numel() + router
-    assert sel.fraction == pytest.approx(sel.num_trainable / sum(p.numel() for p in model.parameters()))
-    # Every parameter the optimizer did not own is frozen.
-    owned = set(sel.names)
-    for name, p in model.named_parameters():
-        assert p.requires_grad == (name in owned)
-
-
-def test_trainable_selection_counts_several_experts_and_shared():
-    model = random_model(tiny_config("qwen2_moe", experts=8), seed=0)
-    lay = find_moe_layers(model)[1]
-    sel = make_trainable(model, {1: [0, 3, 3, 7]}, shared_experts=[1])
-    shared = sum(p.numel() for p in lay.shared_parameters().values())
-    assert sel.experts == {1: [0, 3, 7]}
-    assert sel.num_trainable == 3 * lay.expert_numel() + shared
-
-
-@pytest.mark.parametrize(
-    "kwargs, error, match",
-    [
-        ({"experts": {1: [8]}}, IndexError, "out of range"),
-        ({"experts": {9: [0]}}, IndexError, "no routed experts"),
-        ({"experts": {1: []}}, ValueError, "empty expert list"),
-        ({"experts": None}, ValueError, "nothing to train"),
-        ({"experts": None, "shared_experts": [1]}, ValueError, "no shared experts"),
-    ],
-)
-def test_make_trainable_bad_input(kwargs, error, match):
-    model = random_model(tiny_config("mixtral", experts=8), seed=0)
-    with pytest.raises(error, match=match):
-        make_trainable(model, **kwargs)
-
-
-def test_remove_drops_gradient_masks():
-    model = random_model(tiny_config("olmoe"), seed=0)
-    sel = make_trainable(model, {0: [1]})
-    sel.remove()
-    batch = _batch()
-    model(**batch, labels=batch["input_ids"]).loss.backward()
-    grad = find_moe_layers(model)[0].experts.gate_up_proj.grad
-    assert grad[0].abs().sum() > 0 or grad[2].abs().sum() > 0
-
-
 def test_parameter_counts_active_vs_total():
     moe = random_model(tiny_config("mixtral", experts=8, top_k=2), seed=0)
     counts = parameter_counts(moe)
@@ -247,8 +178,8 @@ def test_remote_code_style_per_expert_modules():
     # Applied weights are the top-2 softmax scores, as the block computes them.
     top = torch.topk(rec.scores, 2, -1)
     torch.testing.assert_close(rec.weights.gather(-1, top.indices), top.values)
-    sel = make_trainable(model, {2: [3]})
-    assert sel.num_trainable == sum(p.numel() for p in model.layers[2].experts[3].parameters())
+    sel = make_trainable(model, {2: [3]})  # one module per expert: nothing to split
+    assert sel.split == [] and sel.num_trainable == sum(p.numel() for p in model.layers[2].experts[3].parameters())
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt = torch.optim.AdamW(sel.param_groups(0.1), lr=0.1)
     model(input_ids=ids).pow(2).mean().backward()

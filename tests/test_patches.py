@@ -7,8 +7,9 @@ import torch
 from toy_moe import RemoteStyleModel
 
 from uoe_nb.families import random_model, tiny_config
-from uoe_nb.moe import make_trainable, moe_layer
+from uoe_nb.moe import moe_layer
 from uoe_nb.patches import Patch, apply_patch, fingerprint, make_patch, revert_patch
+from uoe_nb.trainable import make_trainable
 
 LAYER, EXPERT = 1, 3
 CONFIG = dict(experts=8, top_k=2)

@@ -10,7 +10,8 @@ from torch import nn
 
 from uoe_nb import scopes as S
 from uoe_nb.families import random_model, tiny_config
-from uoe_nb.moe import NoMoELayersError, changed_parameters, find_moe_layers, make_trainable
+from uoe_nb.moe import NoMoELayersError, changed_parameters, find_moe_layers
+from uoe_nb.trainable import make_trainable, trained_rows
 
 FAMILIES = ["qwen2_moe", "deepseek_v2", "mixtral"]  # shared expert / first layer dense / plain
 
@@ -20,7 +21,7 @@ def _model(family="qwen2_moe", seed=0):
 
 
 def _snapshot(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+    return {n: p.detach().clone() for n, p in model.named_parameters() if ".trained." not in n}
 
 
 def _train(result, steps=3, weight_decay=0.1, seed=0):
@@ -33,6 +34,7 @@ def _train(result, steps=3, weight_decay=0.1, seed=0):
         opt.zero_grad()
         result.model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
+        result.write_back()
     result.model.eval()
 
 
@@ -96,7 +98,7 @@ def test_uoe_from_target_changes_one_expert_and_its_router(family):
     by_hand = sum(p.shape[1:].numel() for p in lay.expert_parameters().values())
     by_hand += sum(p.numel() for p in lay.router_parameters().values())
     assert result.num_trainable == by_hand
-    assert result.num_total == sum(p.numel() for p in model.parameters())
+    assert result.num_total == sum(p.numel() for p in _snapshot(model).values())  # the model, not its split rows
     assert result.fraction == pytest.approx(by_hand / result.num_total)
 
 
@@ -222,14 +224,15 @@ def test_full_scope_changes_every_parameter():
     assert all(bool(v.all()) if isinstance(v, torch.Tensor) else v for v in changed.values())
 
 
-def test_param_groups_never_decay_partially_masked_tensors():
+def test_param_groups_hold_only_what_trains():
     model = _model()
     fused = {id(p) for lay in find_moe_layers(model) for p in lay.expert_parameters().values()}
     groups = S.apply_scope(model, S.uoe(1, 2)).param_groups(0.1)
-    decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
-    not_decayed = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
-    assert not decayed & fused and len(not_decayed & fused) == 2
-    # every row of every fused tensor trains: decay is safe and applied, as for the full model
+    owned = {id(p) for g in groups for p in g["params"]}
+    assert not owned & fused  # the trained expert is its own parameter; fused tensors stay frozen
+    rows = trained_rows(find_moe_layers(model)[1].experts)
+    assert {id(p) for p in rows.parameters()} <= owned and rows.experts == (2,)
+    # every row of every fused tensor trains: the fused tensors themselves are optimised
     groups = S.apply_scope(model, S.experts_only()).param_groups(0.1)
     decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
     assert fused <= decayed
@@ -336,11 +339,11 @@ def test_lora_options_and_dense_model():
 # --------------------------------------------------------------------------------------
 
 
-def test_a_new_scope_replaces_the_previous_masks():
+def test_a_new_scope_replaces_the_previous_one():
     model = _model()
     S.apply_scope(model, S.uoe(2, 5))
     ref = _snapshot(model)
-    result = S.apply_scope(model, S.uoe(2, 3))  # stacked masks would block expert 3 too
+    result = S.apply_scope(model, S.uoe(2, 3))  # expert 5's rows are written back and dropped
     _train(result)
     _assert_changed(model, ref, _expected(model, {2: [3]}, routers=[2]))
 
@@ -355,8 +358,9 @@ def test_scoped_model_still_copies_and_saves():
     _assert_changed(clone, ref, _expected(clone, {1: [5]}, routers=[1]))
     ids = torch.randint(3, 128, (2, 8))
     model(input_ids=ids, labels=ids).loss.backward()
-    grad = model.get_parameter("model.layers.1.mlp.experts.down_proj").grad
-    assert grad.flatten(1).abs().sum(1).nonzero().flatten().tolist() == [2]
+    assert model.get_parameter("model.layers.1.mlp.experts.down_proj").grad is None  # frozen fused tensor
+    assert trained_rows(find_moe_layers(model)[1].experts).experts == (2,)  # the original's rows stay
+    assert model.get_parameter("model.layers.1.mlp.experts.trained.down_proj").grad is not None
 
 
 def test_describe_scopes_rows_and_leaves_model_as_it_was():
@@ -373,7 +377,7 @@ def test_describe_scopes_rows_and_leaves_model_as_it_was():
     rows = S.describe_scopes(model, scopes, target=(2, 0), affinity=affinity)
     assert [(r["name"], r["trainable"], r["fraction"]) for r in rows] == expected
     assert rows[1]["name"] == "UOE (layer 2, expert 0)" and rows[0]["fraction"] == 1.0
-    assert all(r["total"] == sum(p.numel() for p in model.parameters()) for r in rows)
+    assert all(r["total"] == sum(p.numel() for p in _snapshot(model).values()) for r in rows)
     assert [n for n, _ in model.named_parameters()] == names  # LoRA unloaded
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     ref = _snapshot(model)
@@ -500,8 +504,8 @@ def test_a_failed_scope_keeps_the_previous_one():
     _assert_changed(model, ref, _expected(model, {1: [2]}, routers=[1]))
 
 
-def test_masks_from_elsewhere_are_refused():
+def test_trained_rows_from_elsewhere_are_written_back_and_replaced():
     model = _model()
     make_trainable(model, {0: [1]})
-    with pytest.raises(RuntimeError, match="gradient hooks"):
-        S.apply_scope(model, S.uoe(0, 2))
+    S.apply_scope(model, S.uoe(0, 2))
+    assert trained_rows(find_moe_layers(model)[0].experts).experts == (2,)

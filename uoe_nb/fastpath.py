@@ -583,7 +583,7 @@ def forward_from_layer(
         raise ValueError(
             f"{len(trainable)} parameters below layer {layer_index} require grad ({shown}): the cached path "
             "gives them no gradient and its cached input would go stale after an update. Freeze them "
-            "(uoe_nb.moe.make_trainable does), run under torch.no_grad(), or use the full forward"
+            "(uoe_nb.trainable.make_trainable does), run under torch.no_grad(), or use the full forward"
         )
     inputs = _model_inputs(batch)
     hidden = cache.get(model, inputs, key)

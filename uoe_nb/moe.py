@@ -35,12 +35,10 @@ __all__ = [
     "NoMoELayersError",
     "RoutingCapture",
     "RoutingRecord",
-    "TrainableSelection",
     "capture_routing",
     "changed_parameters",
     "decoder_layers",
     "find_moe_layers",
-    "make_trainable",
     "moe_layer",
     "parameter_counts",
 ]
@@ -96,9 +94,11 @@ class MoELayer:
     def expert_parameters(self) -> dict[str, nn.Parameter]:
         """Parameters of the experts module, keyed by their full name in the model.
 
-        For fused layouts every tensor has the expert index as dimension 0.
+        For fused layouts every tensor has the expert index as dimension 0 (trained rows
+        split off by :mod:`uoe_nb.trainable` are not among them).
         """
-        return {f"{self.experts_name}.{n}": p for n, p in self.experts.named_parameters()}
+        params = self.experts.named_parameters(recurse=not self.fused)
+        return {f"{self.experts_name}.{n}": p for n, p in params}
 
     def single_expert_parameters(self, expert: int) -> dict[str, torch.Tensor]:
         """The parameters that belong to one expert (views into fused tensors)."""
@@ -111,7 +111,7 @@ class MoELayer:
     def expert_numel(self) -> int:
         """Number of parameters of one routed expert."""
         if self.fused:
-            return sum(p[0].numel() for p in self.experts.parameters())
+            return sum(p[0].numel() for p in self.expert_parameters().values())
         return sum(p.numel() for p in self.experts[0].parameters())
 
     def router_parameters(self) -> dict[str, nn.Parameter]:
@@ -432,137 +432,8 @@ def capture_routing(
 
 
 # --------------------------------------------------------------------------------------
-# Making exactly a chosen set of experts trainable
+# What changed
 # --------------------------------------------------------------------------------------
-
-
-@dataclass
-class TrainableSelection:
-    """The parameters :func:`make_trainable` unfroze, and how to optimise them safely.
-
-    Fused expert tensors are trainable as a whole but their gradients are masked to the
-    chosen experts' rows, so the optimiser must not apply weight decay to them (decay
-    would move every expert); :meth:`param_groups` builds groups that respect this.
-    """
-
-    model: nn.Module
-    experts: dict[int, list[int]]
-    routers: list[int]
-    shared: list[int]
-    masked: dict[str, torch.Tensor]  # name -> boolean keep-mask over dim 0
-    names: list[str]
-    num_trainable: int
-    num_total: int
-    _handles: list = field(default_factory=list, repr=False)
-
-    @property
-    def fraction(self) -> float:
-        """Trainable parameters / all parameters of the model."""
-        return self.num_trainable / self.num_total
-
-    def parameters(self) -> list[nn.Parameter]:
-        params = dict(self.model.named_parameters())
-        return [params[n] for n in self.names]
-
-    def param_groups(self, weight_decay: float = 0.0) -> list[dict]:
-        """Optimizer groups: partly masked fused tensors never get weight decay.
-
-        A mask that keeps every row is the identity, so such a tensor may decay.
-        """
-        params = dict(self.model.named_parameters())
-        partial = {n for n, keep in self.masked.items() if not bool(keep.all())}
-        masked = [params[n] for n in self.names if n in partial]
-        plain = [params[n] for n in self.names if n not in partial]
-        groups = []
-        if plain:
-            groups.append({"params": plain, "weight_decay": weight_decay})
-        if masked:
-            groups.append({"params": masked, "weight_decay": 0.0})
-        return groups
-
-    def remove(self) -> None:
-        """Drop the gradient masks (parameters stay as they are)."""
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-
-def make_trainable(
-    model: nn.Module,
-    experts: Mapping[int, Sequence[int]] | None = None,
-    *,
-    routers: Iterable[int] = (),
-    shared_experts: Iterable[int] = (),
-) -> TrainableSelection:
-    """Freeze the model, then unfreeze exactly the chosen experts (and routers).
-
-    ``experts`` maps decoder-layer index to expert indices; ``routers`` and
-    ``shared_experts`` list decoder-layer indices whose router / shared experts become
-    trainable too. Inside fused tensors only the chosen rows receive gradient (a
-    gradient mask on dimension 0). ``num_trainable`` counts exactly the parameters that
-    can change. Use :meth:`TrainableSelection.param_groups` to build the optimizer.
-    """
-    experts = {int(k): sorted({int(e) for e in v}) for k, v in (experts or {}).items()}
-    routers = sorted({int(r) for r in routers})
-    shared = sorted({int(s) for s in shared_experts})
-    if not experts and not routers and not shared:
-        raise ValueError("nothing to train: give at least one expert, router or shared-expert layer")
-    layers = find_moe_layers(model)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    names: list[str] = []
-    masked: dict[str, torch.Tensor] = {}
-    handles = []
-    count = 0
-    for layer_index, chosen in experts.items():
-        layer = moe_layer(model, layer_index, layers)
-        if not chosen:
-            raise ValueError(f"empty expert list for layer {layer_index}")
-        for e in chosen:
-            layer._check_expert(e)
-        if layer.fused:
-            for name, p in layer.expert_parameters().items():
-                keep = torch.zeros(p.shape[0], dtype=torch.bool, device=p.device)
-                keep[chosen] = True
-                view = keep.view(-1, *([1] * (p.dim() - 1)))
-                p.requires_grad_(True)
-                handles.append(p.register_hook(lambda g, v=view: torch.where(v, g, torch.zeros_like(g))))
-                masked[name] = keep
-                names.append(name)
-                count += (p.numel() // p.shape[0]) * len(chosen)
-        else:
-            for e in chosen:
-                for name, p in layer.single_expert_parameters(e).items():
-                    p.requires_grad_(True)
-                    names.append(name)
-                    count += p.numel()
-    for layer_index in routers:
-        layer = moe_layer(model, layer_index, layers)
-        for name, p in layer.router_parameters().items():
-            p.requires_grad_(True)
-            names.append(name)
-            count += p.numel()
-    for layer_index in shared:
-        layer = moe_layer(model, layer_index, layers)
-        params = layer.shared_parameters()
-        if not params:
-            raise ValueError(f"layer {layer_index} has no shared experts")
-        for name, p in params.items():
-            p.requires_grad_(True)
-            names.append(name)
-            count += p.numel()
-    total = sum(p.numel() for p in model.parameters())
-    return TrainableSelection(
-        model=model,
-        experts=experts,
-        routers=routers,
-        shared=shared,
-        masked=masked,
-        names=names,
-        num_trainable=count,
-        num_total=total,
-        _handles=handles,
-    )
 
 
 def changed_parameters(
@@ -578,8 +449,12 @@ def changed_parameters(
         fused = {n for lay in find_moe_layers(model) if lay.fused for n in lay.expert_parameters()}
     except NoMoELayersError:
         fused = set()
+    # Trained rows split off by uoe_nb.trainable are copies of fused rows, compared there.
+    split = {id(p) for m in model.modules() if type(m).__name__ == "TrainedRows" for p in m.parameters()}
     out: dict[str, torch.Tensor | bool] = {}
     for name, p in model.named_parameters():
+        if id(p) in split:
+            continue
         ref = reference[name].to(p.device)
         if torch.equal(p.detach(), ref):
             continue

@@ -36,7 +36,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from .moe import find_moe_layers, make_trainable
+from .moe import find_moe_layers
+from .trainable import make_trainable
 
 __all__ = [
     "ARCHITECTURES",

@@ -14,16 +14,14 @@ ones the paper compares:
 * :func:`random_expert` -- a random expert of the target layer (Table 6 control);
 * :func:`esft` and :func:`lora` -- the parameter-efficient baselines (Tables 3 and 4).
 
-Expert and router scopes go through :func:`uoe_nb.moe.make_trainable`: in
-transformers 5 every expert of a layer lives in fused 3-D tensors, so single experts
-are trained through a gradient mask on the expert dimension, and weight decay must not
-touch those tensors (it would move every expert). :meth:`ScopeResult.param_groups`
-keeps that rule. LoRA goes through peft, whose ``target_parameters`` adapts the fused
-expert tensors directly.
+Scopes only say *what* trains; :func:`uoe_nb.trainable.make_trainable` says how (the
+trained experts of a fused layer become parameters of their own, everything else is
+frozen). LoRA goes through peft, whose ``target_parameters`` adapts the fused expert
+tensors directly.
 
-Applying a scope replaces the scope applied before it to the same model (its gradient
-masks are dropped), so one model can be described under several scopes in turn
-(:func:`describe_scopes`, the paper's Table 3).
+Applying a scope replaces the scope applied before it to the same model (its trained
+rows are written back and dropped), so one model can be described under several scopes
+in turn (:func:`describe_scopes`, the paper's Table 3).
 """
 
 from __future__ import annotations
@@ -38,14 +36,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .moe import (
-    MoELayer,
-    NoMoELayersError,
-    TrainableSelection,
-    decoder_layers,
-    find_moe_layers,
-    make_trainable,
-)
+from .moe import MoELayer, NoMoELayersError, decoder_layers, find_moe_layers
+from .trainable import TrainableSelection, make_trainable, remove_trained_rows
 
 __all__ = [
     "SCOPE_NAMES",
@@ -82,13 +74,14 @@ SCOPE_NAMES = (
 )
 _ALIASES = {"experts_only": "experts", "routers_only": "routers", "per_layer_experts": "per_layer"}
 _KINDS = (*SCOPE_NAMES, "k_experts")
-# Attribute set on a model by apply_scope, so the next scope can drop this one's gradient masks.
+# Attribute set on a model by apply_scope, so the next scope can drop this one's trained rows.
 _APPLIED_ATTR = "_uoe_nb_applied_scope"
 
 
 class _Applied:
     """The scope last applied to a model. Copies and pickles of the model get an empty
-    holder: they do not carry the gradient masks either (tensor hooks are not copied)."""
+    holder (its result points at the original model); a copy's own trained rows are
+    dropped by the next :func:`apply_scope` on it."""
 
     def __init__(self, result: ScopeResult | None = None) -> None:
         self.result = result
@@ -362,7 +355,7 @@ class ScopeResult:
     """A scope applied to a model: what can change, how much, and how to optimise it.
 
     ``model`` is the model to train (the same object, or the peft model for LoRA);
-    ``selection`` the underlying :class:`uoe_nb.moe.TrainableSelection` (or
+    ``selection`` the underlying :class:`uoe_nb.trainable.TrainableSelection` (or
     :class:`LoraSelection`); ``experts`` maps decoder-layer index to the experts whose
     effective weights can change (for LoRA with expert adapters: all of them);
     ``routers`` lists the layers whose router is trainable; ``target_layer`` is the
@@ -388,15 +381,17 @@ class ScopeResult:
         return self.num_trainable / self.num_total
 
     def parameters(self) -> list[nn.Parameter]:
-        """The trainable parameters (fused expert tensors whole: their gradients are masked)."""
+        """The trainable parameters (a fused layer's trained experts as their own rows)."""
         return self.selection.parameters()
 
     def param_groups(self, weight_decay: float = 0.0) -> list[dict]:
-        """AdamW groups. Fused expert tensors with a partial gradient mask get no weight
-        decay (decay would move every expert); everything else gets ``weight_decay``."""
-        if isinstance(self.selection, LoraSelection):
-            return [{"params": self.selection.parameters(), "weight_decay": weight_decay}]
-        return self.selection.param_groups(weight_decay)
+        """AdamW groups: only selected values are parameters, so decay moves nothing else."""
+        return [{"params": self.selection.parameters(), "weight_decay": weight_decay}]
+
+    def write_back(self) -> None:
+        """Copy trained expert rows into the model's fused tensors (after each optimizer step)."""
+        if isinstance(self.selection, TrainableSelection):
+            self.selection.write_back()
 
     def row(self) -> dict[str, Any]:
         """One row of the trainable-parameter table (Table 3)."""
@@ -408,7 +403,8 @@ class ScopeResult:
         }
 
     def remove(self) -> None:
-        """Drop the gradient masks (parameters keep their values and ``requires_grad``).
+        """Write the trained rows back into the fused tensors, restore the plain modules
+        and freeze the model.
 
         LoRA adapters are not touched: use ``model.merge_and_unload()`` or ``unload()``.
         """
@@ -513,7 +509,7 @@ def _applied(model: nn.Module, pop: bool = False) -> ScopeResult | None:
 
 
 def _reset(model: nn.Module, layers: Sequence[MoELayer]) -> None:
-    """Drop the previous scope's gradient masks; refuse masks from elsewhere or LoRA layers."""
+    """Drop the previous scope's trained rows (and any a copied model carries); refuse LoRA layers."""
     if any(hasattr(m, "lora_A") for m in model.modules()):
         raise ValueError(
             "the model already carries LoRA adapters: call merge_and_unload() or unload() on the peft model "
@@ -522,13 +518,7 @@ def _reset(model: nn.Module, layers: Sequence[MoELayer]) -> None:
     previous = _applied(model, pop=True)
     if previous is not None:
         previous.remove()
-    for lay in layers:
-        for name, p in lay.expert_parameters().items():
-            if p._backward_hooks:
-                raise RuntimeError(
-                    f"{name} already has gradient hooks (from an earlier make_trainable call?); call "
-                    ".remove() on that selection before applying a scope"
-                )
+    remove_trained_rows(model)
 
 
 def _esft_experts(vec: torch.Tensor, top_p: float, layer: int) -> list[int]:
@@ -556,8 +546,8 @@ def apply_scope(
     ``target`` is the attributed ``(layer, expert)`` (or an attribution result with
     ``.target``); ``affinity`` maps decoder-layer index to a ``[num_experts]`` affinity
     vector (Eq. 2; or a result with ``.scores``); ``seed`` fixes :func:`random_expert`'s
-    draw. Expert and router scopes use :func:`uoe_nb.moe.make_trainable` (gradient masks
-    on the fused expert tensors); a scope applied earlier to the same model is replaced.
+    draw. Expert and router scopes use :func:`uoe_nb.trainable.make_trainable` (trained
+    experts as parameters of their own); a scope applied earlier to the same model is replaced.
     LoRA wraps the model in place with peft (see :func:`lora`).
 
     Raises :class:`~uoe_nb.moe.NoMoELayersError` for an expert or router scope on a dense
@@ -593,7 +583,7 @@ def apply_scope(
             result.remove()
             raise ValueError(f"scope {result.name!r} matches no parameter of {type(model).__name__}")
     except Exception:
-        # Leave the model as it was: the earlier scope's masks and flags, not unmasked tensors.
+        # Leave the model as it was: the earlier scope's trained rows and flags.
         if previous is not None and _applied(model) is None:
             _reapply(model, previous)
         for n, p in model.named_parameters():
@@ -641,7 +631,6 @@ def _apply_experts(
             experts=experts,
             routers=list(all_layers),
             shared=list(with_shared),
-            masked={},
             names=names,
             num_trainable=total,
             num_total=total,
@@ -875,8 +864,8 @@ def describe_scopes(
 ) -> list[dict[str, Any]]:
     """Rows ``{"name", "trainable", "total", "fraction"}`` for each scope (the paper's Table 3).
 
-    Each scope is applied in turn and undone (gradient masks dropped, LoRA adapters
-    unloaded); afterwards the model's ``requires_grad`` flags, and the gradient masks of a
+    Each scope is applied in turn and undone (trained rows dropped, LoRA adapters
+    unloaded); afterwards the model's ``requires_grad`` flags, and the trained rows of a
     scope applied before the call, are as they were.
     """
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -901,11 +890,10 @@ def describe_scopes(
 
 
 def _reapply(model: nn.Module, previous: ScopeResult) -> None:
-    """Register again the gradient masks of a scope replaced by :func:`describe_scopes` or by a
-    failed :func:`apply_scope`."""
+    """Split again the trained rows of a scope replaced by :func:`describe_scopes` or by a
+    failed :func:`apply_scope` (from the fused tensors, which hold their values)."""
     sel = previous.selection
-    if isinstance(sel, TrainableSelection) and sel.masked:
-        sel.remove()
-        again = make_trainable(model, sel.experts, routers=sel.routers, shared_experts=sel.shared)
-        sel._handles = again._handles
+    if isinstance(sel, TrainableSelection) and sel.split:
+        remove_trained_rows(model)
+        previous.selection = make_trainable(model, sel.experts, routers=sel.routers, shared_experts=sel.shared)
     model.__dict__[_APPLIED_ATTR] = _Applied(previous)
