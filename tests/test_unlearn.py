@@ -220,3 +220,74 @@ def test_anchor_follows_the_trained_expert(world, monkeypatch):
     assert result.scope.experts == {layer: [expert]}
     assert result.affinity.target != (layer, expert)  # the random expert, not the attributed one
     assert anchored and set(anchored) == {expert}
+
+
+def test_bf16_uoe_at_the_papers_learning_rate_moves_the_target_expert(world):
+    """fp32 master copies: at lr 1e-5 most bf16 AdamW updates would round away (Chapter 8)."""
+    model, tok = _fresh()
+    model = model.to(torch.bfloat16)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    cfg = UnlearnConfig(method="ga", scope="uoe", lr=1e-5, steps=40, monitor_docs=8)
+    result = unlearn(model, world.forget_corpus, world.retain_corpus[:16], cfg, tokenizer=tok)
+    layer, expert = result.target
+    lay = next(m for m in find_moe_layers(model) if m.layer_index == layer)
+    changed = changed_parameters(model, before)
+    assert set(changed) == set(lay.expert_parameters()) | set(lay.router_parameters())
+    for name in lay.expert_parameters():
+        assert changed[name].tolist() == [e == expert for e in range(lay.num_experts)]
+        moved = (model.get_parameter(name)[expert] != before[name][expert]).float().mean()
+        assert moved > 1 / 3, (name, float(moved))
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+def test_a_finished_run_holds_no_gradients_no_wrappers_and_can_release_its_model(world):
+    import gc
+    import weakref
+
+    result, _, _ = _run(world, "npo", "uoe", steps=4, lr=1e-3, evaluate=False)
+    model = result.model
+    assert all(p.grad is None and not p.requires_grad for p in model.parameters())
+    assert not [n for n, _ in model.named_parameters() if ".trained." in n]
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    ref = weakref.ref(model)
+    del model
+    result.release()
+    gc.collect()
+    assert ref() is None and result.model is None and result.summary()["step"] == 4
+
+
+def test_utility_only_where_the_target_was_reached_and_at_the_end(world):
+    calls = []
+
+    def evaluate(model, parts=("forget", "utility")):
+        calls.append(tuple(parts))
+        fa = 0.9 - 0.1 * sum("forget" in c for c in calls)
+        return {k: v for k, v in (("forget_accuracy", fa), ("utility_accuracy", 0.8)) if k.split("_")[0] in parts}
+
+    model, tok = _fresh()
+    cfg = UnlearnConfig(steps=6, lr=1e-3, eval_every=1, stop_forget_accuracy=0.45, utility_eval="target",
+                        monitor_docs=4)  # fmt: skip
+    result = unlearn(model, world.forget_corpus, world.retain_corpus[:16], cfg, tokenizer=tok, evaluate=evaluate)
+    # step 0 in full; steps 1-4 forget only (FA .7 .6 .5 .4 -> reached at step 4: then utility too)
+    assert calls == [("forget", "utility")] + [("forget",)] * 4 + [("utility",)]
+    assert result.best_step == 4 and result.best.metrics["utility_accuracy"] == 0.8
+    assert "utility_accuracy" not in result.history[1].metrics
+    with pytest.raises(ValueError, match="needs stop_forget_accuracy"):
+        UnlearnConfig(utility_eval="target").validate()
+
+
+def test_a_worse_later_state_is_replaced_by_the_kept_checkpoint(world):
+    scores = iter([0.9, 0.5, 0.8])  # step 0, step 1 (best), step 2
+
+    def evaluate(model):
+        return {"forget_accuracy": next(scores), "utility_accuracy": 1.0}
+
+    model, tok = _fresh()
+    seen = {}
+    cfg = UnlearnConfig(steps=2, lr=1e-2, eval_every=1, monitor_docs=4)
+    result = unlearn(model, world.forget_corpus, world.retain_corpus[:16], cfg, tokenizer=tok,
+                     evaluate=lambda m: seen.setdefault(len(seen), {k: v.clone() for k, v in m.state_dict().items()})
+                     and evaluate(m))  # fmt: skip
+    assert result.best_step == 1
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, seen[1][k]), k

@@ -20,20 +20,32 @@ checkpoint with the highest balance; when ``stop_forget_accuracy`` is set, check
 that reached it are preferred over those that did not, and among them the one with
 the highest utility wins.
 
-Frozen references (NPO's reference model, GradDiff's KL term, RMU's frozen
-activations, the retain-router term) are computed with the *original* values of the
-trainable parameters swapped in under ``no_grad``: everything else is frozen, so this
-is exactly the original model without copying it (for UOE only one layer's expert
-tensor and router are stored twice). Reference values for a batch are cached.
+Frozen references (NPO's reference log-likelihoods, GradDiff's KL targets, RMU's
+frozen activations, the retain-router term) are computed once per batch before the
+first update, from the original model in eval mode, so no copy of the original weights
+is kept. The references of the retain side (KL targets, frozen activations) are kept off
+the accelerator and moved in per step.
+
+Memory. Only what trains has gradients and optimizer state: a scope's trained experts
+are parameters of their own (:mod:`uoe_nb.trainable`); in a bf16/fp16 model they (and
+the trained routers) are optimised as fp32 master copies (``master_weights``), and
+whole-model runs follow the model's dtype unless ``master_weights=True``. Gradients are
+checked for finiteness before an update (a bad step is never applied, so no per-step
+copy is needed). The best checkpoint is copied off the accelerator (CPU memory, or a
+temporary file when it does not fit there) only when a new best is found. A finished run
+holds no gradients, no optimizer state and no trained-row wrappers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
+import os
+import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -46,7 +58,8 @@ from .fastpath import LayerInputCache, forward_from_layer, hidden_after_layer
 from .moe import capture_routing, find_moe_layers
 from .progress import progress
 from .routing import batches as make_batches
-from .scopes import Scope, ScopeResult, apply_scope
+from .scopes import LoraSelection, Scope, ScopeResult, apply_scope
+from .trainable import MasterWeights
 
 __all__ = ["METHODS", "StepRecord", "UnlearnConfig", "UnlearnResult", "unlearn", "world_evaluator"]
 
@@ -93,6 +106,8 @@ class UnlearnConfig:
     grad_clip: float | None = 1.0
     monitor_docs: int = 32
     use_layer_cache: bool = True  # reuse the frozen layers' output below the trainable ones
+    master_weights: bool | None = None  # fp32 master copies; None: on for every scope but "full"
+    utility_eval: str = "always"  # "always", or "target": UT only where FA reached the target, and at the end
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -105,6 +120,10 @@ class UnlearnConfig:
             raise ValueError(f"retain_loss must be 'nll' or 'kl', got {self.retain_loss!r}")
         if self.anchor_reduction not in ("sum", "mean"):
             raise ValueError(f"anchor_reduction must be 'sum' or 'mean', got {self.anchor_reduction!r}")
+        if self.utility_eval not in ("always", "target"):
+            raise ValueError(f"utility_eval must be 'always' or 'target', got {self.utility_eval!r}")
+        if self.utility_eval == "target" and self.stop_forget_accuracy is None:
+            raise ValueError("utility_eval='target' needs stop_forget_accuracy (the target it waits for)")
 
 
 @dataclass
@@ -156,6 +175,16 @@ class UnlearnResult:
     def best(self) -> StepRecord:
         return next(r for r in self.history if r.step == self.best_step)
 
+    def release(self) -> None:
+        """Drop every reference this result holds to the model (keep the history and numbers).
+
+        Chapters keep tables and patches, not models: after ``release()`` the model is
+        freed as soon as the caller drops its own references.
+        """
+        self.model = None
+        self.scope.model = None
+        self.scope.selection.model = None
+
     def rows(self) -> list[dict[str, Any]]:
         return [r.row() for r in self.history]
 
@@ -179,18 +208,38 @@ class UnlearnResult:
 # ---------------------------------------------------------------------------------
 
 
-def world_evaluator(tokenizer, world, *, batch_size: int = 64) -> Callable[[nn.Module], dict[str, float]]:
-    """Forget accuracy (FA) and utility (UT) on a tiny world, through lm-eval."""
+PARTS = ("forget", "utility")
+
+
+def world_evaluator(tokenizer, world, *, batch_size: int = 64) -> Callable[..., dict[str, float]]:
+    """Forget accuracy (FA) and utility (UT) on a tiny world, through lm-eval.
+
+    ``evaluate(model, parts=("forget", "utility"))`` computes only the parts asked for.
+    """
     from .evaluation import multiple_choice_accuracy
 
-    def evaluate(model: nn.Module) -> dict[str, float]:
-        fa = multiple_choice_accuracy(model, tokenizer, world.forget_questions, name="tiny_forget",
-                                      batch_size=batch_size, progress=False)  # fmt: skip
-        ut = multiple_choice_accuracy(model, tokenizer, world.utility_questions, name="tiny_utility",
-                                      batch_size=batch_size, progress=False)  # fmt: skip
-        return {"forget_accuracy": fa.accuracy, "utility_accuracy": ut.accuracy}
+    def evaluate(model: nn.Module, parts: Sequence[str] = PARTS) -> dict[str, float]:
+        out = {}
+        if "forget" in parts:
+            out["forget_accuracy"] = multiple_choice_accuracy(
+                model, tokenizer, world.forget_questions, name="tiny_forget", batch_size=batch_size, progress=False
+            ).accuracy
+        if "utility" in parts:
+            out["utility_accuracy"] = multiple_choice_accuracy(
+                model, tokenizer, world.utility_questions, name="tiny_utility", batch_size=batch_size, progress=False
+            ).accuracy
+        return out
 
+    evaluate.forget_questions = len(world.forget_questions)
+    evaluate.utility_questions = len(world.utility_questions)
     return evaluate
+
+
+def _takes_parts(evaluate: Callable) -> bool:
+    try:
+        return "parts" in inspect.signature(evaluate).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _balance(metrics: Mapping[str, float], base: Mapping[str, float]) -> float | None:
@@ -234,27 +283,30 @@ class _Run:
         self.ref_cache: dict[tuple[str, int], Any] = {}
 
     # -- frozen references ------------------------------------------------------------
-    @contextlib.contextmanager
-    def original_weights(self) -> Iterator[None]:
-        """Temporarily swap the original values of the trainable parameters back in."""
-        params = dict(self.model.named_parameters())
-        current = {}
-        with torch.no_grad():
-            for name, value in self.original.items():
-                current[name] = params[name].detach().clone()
-                params[name].copy_(value)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for name, value in current.items():
-                    params[name].copy_(value)
-
-    def reference(self, key: tuple[str, int], fn: Callable[[], Any]) -> Any:
+    def reference(self, key: tuple[str, int], fn: Callable[[], Any], *, offload: bool = False) -> Any:
+        """The original model's value for ``key``: computed (eval mode, no grad) while the
+        weights are still the original ones, i.e. by :meth:`precompute_references` before
+        the first update; later calls only read the store."""
         if key not in self.ref_cache:
-            with self.original_weights(), torch.no_grad():
-                self.ref_cache[key] = fn()
-        return self.ref_cache[key]
+            if self.updated:
+                raise RuntimeError(f"reference {key} was not computed before the first update")
+            was = self.model.training
+            self.model.eval()
+            try:
+                with torch.no_grad():
+                    value = fn()
+            finally:
+                self.model.train(was)
+            self.ref_cache[key] = _to(value, "cpu") if offload and self.device.type != "cpu" else value
+        value = self.ref_cache[key]
+        return _to(value, self.device) if offload else value
+
+    def precompute_references(self, steps: int) -> None:
+        """Every frozen reference that the run's ``steps`` steps will ask for (steps cycle
+        through the batches, so the first ``max(#forget, #retain)`` steps meet them all)."""
+        span = min(steps, max(len(self.forget_batches), len(self.retain_batches)))
+        for step in progress(range(span), desc="references"):
+            self.step_loss(step, references_only=True)
 
     # -- monitoring ----------------------------------------------------------------------
     @torch.no_grad()
@@ -270,10 +322,16 @@ class _Run:
         self.model.train(was)
         return out
 
-    def measure(self, step: int, forget_loss: float | None, loss: float | None) -> StepRecord:
+    def measure(self, step: int, forget_loss: float | None, loss: float | None, *, final: bool = False) -> StepRecord:
         rec = StepRecord(step=step, forget_loss=forget_loss, loss=loss)
         if self.evaluate is not None:
-            rec.metrics = dict(self.evaluate(self.model))
+            if self.cfg.utility_eval == "always" or step == 0 or final or not _takes_parts(self.evaluate):
+                rec.metrics = dict(self.evaluate(self.model))
+            else:  # utility only where forgetting reached the target (Colab-sized full mode)
+                rec.metrics = dict(self.evaluate(self.model, parts=("forget",)))
+                fa = rec.metrics.get("forget_accuracy")
+                if fa is not None and fa <= self.cfg.stop_forget_accuracy:
+                    rec.metrics.update(self.evaluate(self.model, parts=("utility",)))
         if self.is_moe:
             for which in ("forget", "retain"):
                 if not self.monitor[which]:
@@ -313,7 +371,7 @@ class _Run:
                 return out.layer_hidden
         return hidden_after_layer(self.model, batch, layer_index)
 
-    def step_loss(self, step: int) -> tuple[torch.Tensor, float]:
+    def step_loss(self, step: int, *, references_only: bool = False) -> tuple[torch.Tensor, float] | None:
         cfg = self.cfg
         i = step % len(self.forget_batches)
         fb = self.forget_batches[i]
@@ -328,14 +386,13 @@ class _Run:
         )
         router_term = bool(cfg.retain_router_weight) and rb is not None and self.target is not None
 
-        # Frozen references first: they swap weights in place, which must not happen
-        # while this step's autograd graph is alive.
+        # Frozen references: read from the store filled before the first update.
         if cfg.method == "npo":
             ref_total, ref_count = self.reference(("npo", i), lambda: self.nll(fb, fkey))
         if uses_retain and cfg.method == "rmu":
-            frozen = self.reference(("rmu", j), lambda: self.hidden_at(rb, self.rmu_layer, rkey))
+            frozen = self.reference(("rmu", j), lambda: self.hidden_at(rb, self.rmu_layer, rkey), offload=True)
         if uses_retain and cfg.method != "rmu" and cfg.retain_loss == "kl":
-            ref_logits = self.reference(("kl", j), lambda: self.logits(rb, rkey))
+            ref_logits = self.reference(("kl", j), lambda: self.logits(rb, rkey), offload=True)
         if router_term:
 
             def scores_on_retain():
@@ -344,6 +401,8 @@ class _Run:
                 return c[target_layer][0].scores
 
             ref_scores = self.reference(("router", j), scores_on_retain)
+        if references_only:
+            return None
 
         if cfg.method == "rmu":
             h = self.hidden_at(fb, self.rmu_layer, fkey)
@@ -391,6 +450,14 @@ class _Run:
 @contextlib.contextmanager
 def _null():
     yield None
+
+
+def _to(value: Any, device: str | torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to(v, device) for v in value)
+    return value
 
 
 def _proportions(selected: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -471,10 +538,13 @@ def unlearn(
         # every time: compute their output once per batch (checked exact on first use).
         n_items = len(run.forget_batches) + len(run.retain_batches)
         run.cache = LayerInputCache(lowest, max_items=max(1, n_items))
-    trainable = {n: p for n, p in train_model.named_parameters() if p.requires_grad}
-    run.original = {n: p.detach().clone() for n, p in trainable.items()}
-    opt = torch.optim.AdamW(scope_result.param_groups(config.weight_decay), lr=config.lr)
+    trainable = scope_result.parameters()
+    master = config.master_weights if config.master_weights is not None else scope.kind != "full"
+    opt = MasterWeights(trainable, lr=config.lr, weight_decay=config.weight_decay, enabled=master)
 
+    run.updated = False
+    if config.method == "npo" or config.method == "rmu" or config.retain_loss == "kl" or config.retain_router_weight:
+        run.precompute_references(config.steps)
     if run.is_moe:
         run.base_routing = {w: run.routing_snapshot(w) for w in ("forget", "retain") if run.monitor[w]}
         run.base_props = {k: _proportions(v) for k, v in run.base_routing.get("forget", {}).items()}
@@ -482,47 +552,75 @@ def unlearn(
     base_metrics = history[0].metrics
     history[0].balance = _balance(base_metrics, base_metrics) if base_metrics else None
     best_step, best_key = 0, _key(history[0], config)
-    best_state = {n: p.detach().clone() for n, p in trainable.items()}
-    last_good = {n: p.detach().clone() for n, p in trainable.items()}
+    kept = _Checkpoint(opt) if evaluate is not None else None
+    if kept is not None:
+        kept.save(0)
     stopped = "step budget"
-    steps_run, train_seconds = 0, 0.0
+    steps_run, train_seconds, done = 0, 0.0, 0
     train_model.train()
-    for step in progress(range(config.steps), desc=f"unlearn {config.method}"):
-        started = time.perf_counter()
-        loss, forget_value = run.step_loss(step)
-        if not torch.isfinite(loss):
-            stopped = f"non-finite loss at step {step + 1}; kept the last good state"
-            _load(train_model, last_good)
-            break
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip:
-            torch.nn.utils.clip_grad_norm_(list(trainable.values()), config.grad_clip)
-        opt.step()
-        if not all(torch.isfinite(p).all() for p in trainable.values()):
-            stopped = f"non-finite weights after step {step + 1}; kept the last good state"
-            _load(train_model, last_good)
-            break
-        last_good = {n: p.detach().clone() for n, p in trainable.items()}
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        train_seconds += time.perf_counter() - started
-        steps_run = done = step + 1
-        if done % config.eval_every == 0 or done == config.steps:
-            train_model.eval()
-            rec = run.measure(done, forget_value, float(loss.detach()))
-            train_model.train()
-            rec.balance = _balance(rec.metrics, base_metrics) if base_metrics else None
-            history.append(rec)
-            key = _key(rec, config)
-            if key > best_key or evaluate is None:
-                best_step, best_key = done, key
-                best_state = {n: p.detach().clone() for n, p in trainable.items()}
-            fa = rec.metrics.get("forget_accuracy")
-            if config.stop_forget_accuracy is not None and fa is not None and fa <= config.stop_forget_accuracy:
-                stopped = f"forget accuracy {fa:.3f} <= {config.stop_forget_accuracy} at step {done}"
+    try:
+        for step in progress(range(config.steps), desc=f"unlearn {config.method}"):
+            started = time.perf_counter()
+            loss, forget_value = run.step_loss(step)
+            if not torch.isfinite(loss):
+                stopped = f"non-finite loss at step {step + 1}; kept the state before it"
                 break
-    _load(train_model, best_state)
+            opt.zero_grad()
+            opt.backward(loss)
+            status = opt.step(config.grad_clip)
+            if status == "skipped":
+                continue  # fp16 loss-scale overflow: no update, the scale is halved
+            if status != "ok":
+                stopped = f"non-finite gradients at step {step + 1}; kept the state before it"
+                break
+            run.updated = True
+            scope_result.write_back()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            train_seconds += time.perf_counter() - started
+            steps_run = done = step + 1
+            if done % config.eval_every == 0 or done == config.steps:
+                train_model.eval()
+                rec = run.measure(done, forget_value, float(loss.detach()), final=done == config.steps)
+                train_model.train()
+                rec.balance = _balance(rec.metrics, base_metrics) if base_metrics else None
+                history.append(rec)
+                key = _key(rec, config)
+                if key > best_key or evaluate is None:
+                    best_step, best_key = done, key
+                    if kept is not None:
+                        kept.save(done)
+                fa = rec.metrics.get("forget_accuracy")
+                if config.stop_forget_accuracy is not None and fa is not None and fa <= config.stop_forget_accuracy:
+                    stopped = f"forget accuracy {fa:.3f} <= {config.stop_forget_accuracy} at step {done}"
+                    break
+        if history[-1].step != done:
+            # Stopped between evaluations: measure the state the run ends in.
+            train_model.eval()
+            history.append(run.measure(done, None, None, final=True))
+        last = history[-1]
+        if evaluate is not None and "utility_accuracy" not in last.metrics and _takes_parts(evaluate):
+            last.metrics.update(evaluate(train_model, parts=("utility",)))
+        last.balance = _balance(last.metrics, base_metrics) if base_metrics else None
+        if evaluate is None:
+            best_step = done  # nothing to choose by: the run ends in its last state
+        elif _key(last, config) > best_key:
+            best_step, best_key = done, _key(last, config)
+            kept.save(done)
+        if kept is not None and kept.step != done:
+            kept.restore()
+            scope_result.write_back()
+    finally:
+        opt.close()
+        if kept is not None:
+            kept.close()
+        for p in train_model.parameters():
+            p.grad = None
+        run.ref_cache.clear()
+        if run.cache is not None:
+            run.cache.clear()
+        if not isinstance(scope_result.selection, LoraSelection):
+            scope_result.remove()  # trained rows written back, plain modules, everything frozen
     train_model.eval()
     return UnlearnResult(
         model=train_model,
@@ -536,6 +634,54 @@ def unlearn(
         steps_run=steps_run,
         train_seconds=train_seconds,
     )
+
+
+class _Checkpoint:
+    """The kept checkpoint of a run, off the accelerator: CPU memory, or a temporary file
+    when its values would take more than half of the memory the machine has free."""
+
+    def __init__(self, opt: MasterWeights):
+        self.opt = opt
+        self.step: int | None = None
+        self.values: list[torch.Tensor] | None = None
+        self.path: str | None = None
+        nbytes = sum(t.numel() * t.element_size() for t in opt.targets)
+        self.where = "cpu" if nbytes <= 0.5 * _free_host_bytes() else "disk"
+        if self.where == "disk":
+            log.info("the kept checkpoint (%.1f GiB) goes to a temporary file", nbytes / 2**30)
+
+    def save(self, step: int) -> None:
+        snapshot = self.opt.snapshot("cpu")
+        if self.where == "disk":
+            if self.path is None:
+                fd, self.path = tempfile.mkstemp(prefix="uoe_nb_checkpoint_", suffix=".pt")
+                os.close(fd)
+            torch.save(snapshot, self.path)
+            del snapshot
+        else:
+            self.values = snapshot
+        self.step = step
+
+    def restore(self) -> None:
+        values = self.values if self.where == "cpu" else torch.load(self.path, weights_only=True)
+        self.opt.load(values)
+
+    def close(self) -> None:
+        self.values = None
+        if self.path is not None and os.path.exists(self.path):
+            os.remove(self.path)
+        self.path = None
+
+
+def _free_host_bytes() -> float:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return math.inf
 
 
 def _anchor_pairs(scope: ScopeResult, target) -> list[tuple[int, int]]:
@@ -565,20 +711,13 @@ def _lowest_trainable_layer(scope: ScopeResult) -> int | None:
 
 def _key(rec: StepRecord, config: UnlearnConfig) -> tuple:
     """Sort key of a checkpoint: reached the stop target first, then utility/balance."""
-    if rec.balance is None:
-        return (0, rec.step)
+    if rec.balance is None:  # not fully evaluated (no utility): never preferred
+        return (-1, 0.0)
     fa = rec.metrics.get("forget_accuracy", math.inf)
     if config.stop_forget_accuracy is not None:
         reached = fa <= config.stop_forget_accuracy
         return (int(reached), rec.metrics.get("utility_accuracy", 0.0) if reached else rec.balance)
     return (1, rec.balance)
-
-
-@torch.no_grad()
-def _load(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
-    for name, value in state.items():
-        params[name].copy_(value)
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
