@@ -30,15 +30,16 @@ def test_architecture_sizes_match_the_model_cards(name):
 
 
 def test_footprint_of_qwen_counted_by_hand():
-    """Qwen1.5-MoE: an expert is a SwiGLU MLP of 3 matrices 2048 x 1408; the router 60 x 2048;
-    masked fused tensors hold gradients and AdamW moments for all 60 experts of the layer."""
+    """Qwen1.5-MoE: an expert is a SwiGLU MLP of 3 matrices 2048 x 1408; the router 60 x 2048."""
     fp = scale.footprint("qwen1.5-moe-a2.7b", layer=12, expert=7)
     expert = 3 * 2048 * 1408
     router = 60 * 2048
     assert fp.expert_numel == expert
     assert fp.uoe_trainable == expert + router
-    assert fp.uoe_state_elements == 60 * expert + router
-    assert fp.uoe_state_gib == pytest.approx(3 * (60 * expert + router) * 2 / 2**30)
+    # Only the trained expert and router hold state: the expert's own bf16 rows, then per value a
+    # bf16 gradient, an fp32 master and two fp32 moments (the router trains in place).
+    assert fp.uoe_state_elements == expert + router == fp.uoe_trainable
+    assert fp.uoe_state_gib == pytest.approx((expert * 2 + (expert + router) * (2 + 4 + 8)) / 2**30)
     assert fp.full_state_gib == pytest.approx(3 * fp.weights_gib)
     assert (fp.moe_layers, fp.experts, fp.top_k) == (24, 60, 4)
     assert fp.as_row()["UOE fraction (%)"] == pytest.approx(100 * (expert + router) / fp.total)
@@ -84,10 +85,10 @@ def test_measure_uoe_step_restores_the_model():
     layer = next(m for m in find_moe_layers(model) if m.layer_index == 1)
     router = sum(p.numel() for p in layer.router_parameters().values())
     assert cost.trainable == layer.expert_numel() + router
-    # Gradient and two AdamW moments for the fused tensors and the router (float32), plus
-    # AdamW's step counters.
-    fused = sum(p.numel() for p in layer.expert_parameters().values()) + router
-    assert cost.state_mib * 2**20 == pytest.approx(3 * 4 * fused, abs=64)
+    # The expert's own rows, then a gradient and two AdamW moments for it and the router (float32:
+    # no master copies), plus AdamW's step counters; nothing for the other experts of the layer.
+    expert = layer.expert_numel()
+    assert cost.state_mib * 2**20 == pytest.approx(4 * expert + 3 * 4 * (expert + router), abs=64)
     assert cost.seconds_per_step > 0 and cost.as_row()["batch x seq"] == "2 x 8"
     with pytest.raises(IndexError, match="no routed experts"):
         scale.measure_uoe_step(model, layer=7)

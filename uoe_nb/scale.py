@@ -37,7 +37,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from .moe import find_moe_layers
-from .trainable import make_trainable
+from .trainable import MasterWeights, make_trainable
 
 __all__ = [
     "ARCHITECTURES",
@@ -170,11 +170,15 @@ def _weight_bytes(model: nn.Module) -> int:
 class Footprint:
     """Sizes of one architecture and of what full-model and UOE training hold in memory.
 
-    Training state is the gradients plus AdamW's two moments, all in the weights' dtype
-    (PyTorch's default): 3 values per trainable tensor element. UOE selects one expert of
-    a fused expert tensor with a gradient mask, so its gradient and moments have the size
-    of the whole fused tensors of the target layer (``uoe_state_elements``), not of one
-    expert. Activations are not included (they depend on batch and sequence length).
+    Whole-model training state (``full_state_gib``) is the gradients plus AdamW's two
+    moments in the weights' dtype, as ``unlearn`` runs the full scope by default
+    (``master_weights=False``): 3 values per parameter. UOE's state (``uoe_state_bytes``)
+    is what :mod:`uoe_nb.trainable` holds for the trained expert and router alone: the
+    expert's own copy of its rows and, for every trained value, its gradient in the
+    weights' dtype, an fp32 master copy (half-precision weights only) and two fp32 AdamW
+    moments -- 16 bytes per trained expert value in bf16. ``uoe_state_elements`` is the
+    number of trained values. Activations are not included (they depend on batch and
+    sequence length).
     """
 
     name: str
@@ -188,6 +192,7 @@ class Footprint:
     uoe_trainable: int
     uoe_state_elements: int
     bytes_per_value: int
+    uoe_router: int = 0  # trained router values (trained in place: no copy)
 
     @property
     def weights_gib(self) -> float:
@@ -198,8 +203,15 @@ class Footprint:
         return 3 * self.total * self.bytes_per_value / 2**30
 
     @property
+    def uoe_state_bytes(self) -> int:
+        b = self.bytes_per_value
+        per_value = b + (4 if b < 4 else 0) + 8  # gradient, fp32 master (half weights), fp32 moments
+        copied_rows = self.uoe_state_elements - self.uoe_router
+        return copied_rows * b + self.uoe_state_elements * per_value
+
+    @property
     def uoe_state_gib(self) -> float:
-        return 3 * self.uoe_state_elements * self.bytes_per_value / 2**30
+        return self.uoe_state_bytes / 2**30
 
     def as_row(self) -> dict[str, Any]:
         return {
@@ -249,6 +261,7 @@ def footprint(
     selection = make_trainable(model, {layer: [expert]}, routers=[layer])
     state = sum(p.numel() for p in model.parameters() if p.requires_grad)
     trainable = selection.num_trainable
+    router = sum(p.numel() for p in target.router_parameters().values())
     selection.remove()
     return Footprint(
         name=label,
@@ -262,6 +275,7 @@ def footprint(
         uoe_trainable=trainable,
         uoe_state_elements=state,
         bytes_per_value=torch.empty((), dtype=dtype).element_size(),
+        uoe_router=router,
     )
 
 
@@ -395,9 +409,12 @@ def measure_uoe_step(
     """Time GA+UOE steps (one expert and the router of ``layer``, AdamW) on random tokens.
 
     The step is the training step of :func:`uoe_nb.unlearn.unlearn` without its data
-    pipeline: zero_grad, forward, ``-NLL`` plus the router anchor, backward, AdamW step.
-    Returns the median step time over ``steps`` after ``warmup`` steps and the peak
-    memory over all of them. The model's weights are restored afterwards.
+    pipeline: zero_grad, forward, ``-NLL`` plus the router anchor, backward, AdamW step on
+    the trained expert's own rows and the router (fp32 masters in a half-precision
+    model, :class:`uoe_nb.trainable.MasterWeights`). Returns the median step time over
+    ``steps`` after ``warmup`` steps and the peak memory over all of them; ``state_mib``
+    is the trained rows' copy plus gradients, masters and AdamW moments. The model's
+    weights are restored afterwards.
     """
     from .moe import capture_routing
     from .objectives import anchor_loss
@@ -418,18 +435,18 @@ def measure_uoe_step(
     was_training = model.training
     requires = {n: p.requires_grad for n, p in model.named_parameters()}
     selection = make_trainable(model, {layer: [expert]}, routers=[layer])
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    original = [p.detach().clone() for p in trainable]
-    optimizer = torch.optim.AdamW(selection.param_groups(0.0), lr=lr)
+    trainable = selection.parameters()
+    original = [p.detach().clone() for p in trainable]  # one expert and one router: small
+    optimizer = MasterWeights(trainable, lr=lr)
     model.train()
 
     def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()
         with capture_routing(model, layers=[layer], detach=False) as cap:
             loss = -model(**batch, labels=ids, use_cache=False).loss
         record = cap[layer][0]
         loss = loss + anchor_loss(record.scores, record.mask, expert)
-        loss.backward()
+        optimizer.backward(loss)
         optimizer.step()
 
     def sync() -> None:
@@ -448,11 +465,13 @@ def measure_uoe_step(
             sync()
             times.append(time.perf_counter() - started)
         peak = meter.peak_mib()
-        held = state_mib(model, optimizer)
+        rows = sum(p.numel() * p.element_size() for n, p in zip(selection.names, trainable, strict=True) if ".trained." in n)
+        held = (optimizer.state_bytes() + rows + sum(p.numel() * p.element_size() for p in trainable)) / 2**20
     finally:
         with torch.no_grad():
             for p, value in zip(trainable, original, strict=True):
                 p.copy_(value)
+        optimizer.close()
         selection.remove()
         for n, p in model.named_parameters():
             p.requires_grad_(requires[n])
