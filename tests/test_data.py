@@ -326,3 +326,26 @@ def test_importing_the_module_loads_no_dataset_library():
     code = "import sys, uoe_nb.data; print('datasets' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_first_per_subject_is_balanced_and_keeps_order():
+    rows = [{"question": f"q{i}", "choices": ["a", "b"], "answer": 0, "subject": s}
+            for i, s in enumerate(["law", "law", "art", "law", "art", "math"])]  # fmt: skip
+    picked = data.first_per_subject(rows, 2)
+    assert [r["question"] for r in picked] == ["q0", "q1", "q2", "q4", "q5"]
+    assert [r["question"] for r in data.first_per_subject(rows, 1)] == ["q0", "q2", "q5"]
+    picked[0]["question"] = "changed"
+    assert rows[0]["question"] == "q0"  # copies, not the caller's dicts
+    with pytest.raises(ValueError, match="per_subject must be a positive int"):
+        data.first_per_subject(rows, 0)
+    with pytest.raises(ValueError, match="item 0 has no 'subject'"):
+        data.first_per_subject([{"question": "q"}], 1)
+
+
+def test_subset_sizes_match_the_lm_eval_tasks():
+    """57 MMLU subtasks in lm-eval's group; the WMDP counts are the dataset card's test sizes."""
+    import lm_eval.tasks
+
+    folder = Path(lm_eval.tasks.__file__).parent / "mmlu" / "default"
+    assert len(list(folder.glob("mmlu_*.yaml"))) == data.MMLU_SUBJECTS == 57
+    assert data.MMLU_SMALLEST_SUBJECT == 100 and set(data.WMDP_QUESTIONS) == set(data.WMDP_SUBSETS)

@@ -372,6 +372,104 @@ def test_lm_eval_tasks_offline_says_what_to_do(world, tmp_path, monkeypatch):
         ev.lm_eval_tasks(model, tok, ("wmdp_cyber",), task_manager=_builtin_task_manager(), progress=False)
 
 
+def test_shared_task_manager_is_built_once_per_include_path(monkeypatch, tmp_path):
+    import lm_eval.tasks
+
+    built = []
+
+    class CountingTaskManager:
+        def __init__(self, include_path=None):
+            built.append(include_path)
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", CountingTaskManager)
+    monkeypatch.setattr(ev, "_TASK_MANAGERS", {})
+    first = ev.shared_task_manager()
+    assert ev.shared_task_manager() is first and built == [None]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    mine = ev.shared_task_manager(tmp_path / "a")
+    # the same folders however they are spelled give the same index
+    assert ev.shared_task_manager(str(tmp_path / "a" / ".." / "a")) is mine and mine is not first
+    both = ev.shared_task_manager([tmp_path / "b", tmp_path / "a"])
+    assert ev.shared_task_manager([str(tmp_path / "a"), str(tmp_path / "b")]) is both
+    assert len(built) == 3 and built[1] == [str((tmp_path / "a").resolve())]
+    with pytest.raises(ValueError, match="include_path is empty"):
+        ev.shared_task_manager([])
+
+
+def test_lm_eval_tasks_defaults_to_the_shared_index(world, monkeypatch, tmp_path):
+    from lm_eval.tasks import TaskManager
+
+    model, tok = world
+    ev.write_mc_task([item(n) for n in SEEN[:4]], tmp_path, "part_a")
+    manager = TaskManager(include_path=str(tmp_path), include_defaults=False)
+    monkeypatch.setattr(ev, "shared_task_manager", lambda include_path=None: manager)
+    expected = ev.multiple_choice_accuracy_reference(model, tok, [item(n) for n in SEEN[:4]]).accuracy
+    assert ev.lm_eval_tasks(model, tok, ("part_a",), progress=False)["part_a"] == pytest.approx(expected)
+
+
+def test_lm_eval_tasks_loads_tasks_once_and_reuses_them(world, tmp_path, monkeypatch):
+    """An unlearning run evaluates every few steps: the tasks are loaded once per manager, and
+    later evaluations with other limits still score exactly their first questions."""
+    from lm_eval.tasks import TaskManager
+
+    model, tok = world
+    a, b = [item(n) for n in SEEN[:6]], [item(n) for n in UNSEEN[:10]]
+    ev.write_mc_task(a, tmp_path, "part_a")
+    ev.write_mc_task(b, tmp_path, "part_b")
+    group = {
+        "group": "both_parts",
+        "task": ["part_a", "part_b"],
+        "aggregate_metric_list": [{"metric": "acc", "weight_by_size": True}],
+    }
+    (tmp_path / "both_parts.yaml").write_text(yaml.safe_dump(group))
+    manager = TaskManager(include_path=str(tmp_path), include_defaults=False)
+    loads = []
+    real_load = manager.load
+    monkeypatch.setattr(manager, "load", lambda names: loads.append(list(names)) or real_load(names))
+    ref = lambda items: ev.multiple_choice_accuracy_reference(model, tok, items).accuracy  # noqa: E731
+    for limit in (3, None, 3, 5):
+        got = ev.lm_eval_tasks(model, tok, ("both_parts",), limit=limit, task_manager=manager, progress=False)
+        first_a, first_b = a[:limit], b[:limit]
+        n_a, n_b = len(first_a), len(first_b)
+        expected = (n_a * ref(first_a) + n_b * ref(first_b)) / (n_a + n_b)
+        assert got["both_parts"] == pytest.approx(expected), limit
+    assert loads == [["both_parts"]]
+
+
+def test_evaluator_computes_only_the_parts_asked_for():
+    calls = []
+    evaluate = ev.Evaluator(
+        forget=lambda m: calls.append("forget") or 0.25,
+        utility=lambda m: calls.append("utility") or 0.5,
+        forget_questions=100,
+        utility_questions=57 * 20,
+    )
+    assert evaluate(None) == {"forget_accuracy": 0.25, "utility_accuracy": 0.5}
+    assert calls == ["forget", "utility"]
+    assert evaluate(None, parts=("forget",)) == {"forget_accuracy": 0.25} and calls[-1] == "forget"
+    assert evaluate(None, parts="utility") == {"utility_accuracy": 0.5} and len(calls) == 4
+    for bad in ((), ("forget", "retain"), ("FA",)):
+        with pytest.raises(ValueError, match=r"parts must be a non-empty tuple from \('forget', 'utility'\)"):
+            evaluate(None, parts=bad)
+    assert len(calls) == 4
+    with pytest.raises(ValueError, match="forget_questions must be a positive int"):
+        ev.Evaluator(lambda m: 0.0, lambda m: 0.0, forget_questions=0, utility_questions=1)
+
+
+def test_world_evaluator_matches_multiple_choice_accuracy():
+    from uoe_nb.world import build_world
+    from uoe_nb.zoo import WORLD_SEED, load_zoo_model
+
+    model, tok = load_zoo_model("tiny-qwen2moe")
+    world = build_world(WORLD_SEED)
+    evaluate = ev.world_evaluator(tok, world)
+    assert (evaluate.forget_questions, evaluate.utility_questions) == (128, 96)
+    utility = evaluate(model, parts=("utility",))
+    expected = ev.multiple_choice_accuracy(model, tok, world.utility_questions, progress=False).accuracy
+    assert utility == {"utility_accuracy": pytest.approx(expected)}
+
+
 # --------------------------------------------------------------------------- RWKU probes
 
 

@@ -131,12 +131,11 @@ def test_benchmark_bad_input():
         scale.Benchmark("empty", [], ["keep"], evaluate=lambda m: {})
 
 
-def test_real_benchmarks_are_wired_to_the_loaders_and_lm_eval(monkeypatch):
-    """Full-mode benchmarks (no hub here): the loaders and lm-eval are replaced by fakes that
-    record their arguments, and the benchmark must pass them through and map the scores."""
+def _fake_hub(monkeypatch):
+    """The loaders and lm-eval replaced by fakes that record their arguments (no hub here)."""
     from uoe_nb import data, evaluation
 
-    calls = {}
+    calls = {"tasks": []}
     monkeypatch.setattr(
         data, "load_wikitext", lambda limit: calls.setdefault("wikitext", limit) and ["keep"] * 3
     )
@@ -152,31 +151,73 @@ def test_real_benchmarks_are_wired_to_the_loaders_and_lm_eval(monkeypatch):
     )
 
     def fake_lm_eval(model, tokenizer, tasks, limit=None, task_manager=None):
-        calls.setdefault("tasks", []).append((tuple(tasks), limit))
-        calls.setdefault("managers", []).append(task_manager)
+        assert task_manager is None  # lm_eval_tasks falls back to the per-process index
+        calls["tasks"].append((tuple(tasks), limit))
         return {"wmdp_cyber": 0.3, "mmlu": 0.5}
 
-    class FakeTaskManager:
-        pass
-
-    import lm_eval.tasks
-
-    monkeypatch.setattr(lm_eval.tasks, "TaskManager", FakeTaskManager)
     monkeypatch.setattr(evaluation, "lm_eval_tasks", fake_lm_eval)
+    return calls
+
+
+def test_real_benchmarks_are_wired_to_the_loaders_and_lm_eval(monkeypatch):
+    """Full-mode benchmarks pass their limits to the loaders and lm-eval and map the scores."""
+    calls = _fake_hub(monkeypatch)
     model, tokenizer = load_zoo_model("tiny-qwen2moe")
-    wmdp = scale.load_benchmark("wmdp", tokenizer, forget_limit=7, retain_limit=9, eval_limit=11)
+    wmdp = scale.load_benchmark("wmdp", tokenizer, forget_limit=7, retain_limit=9, forget_questions=11,
+                                mmlu_per_subject=3)  # fmt: skip
     assert wmdp.evaluate(model) == {"forget_accuracy": 0.3, "utility_accuracy": 0.5}
     assert calls["wmdp"] == ("cyber", "forget", 7) and calls["wikitext"] == 9
-    wmdp.evaluate(model)
-    assert calls["tasks"] == [(("wmdp_cyber", "mmlu"), 11)] * 2
-    # lm-eval's task index is built once per benchmark and reused by every evaluation.
-    assert isinstance(calls["managers"][0], FakeTaskManager) and calls["managers"][1] is calls["managers"][0]
-    rwku = scale.load_benchmark("rwku", tokenizer, probe_limit=3, eval_limit=5)
+    # FA: the first 11 WMDP-cyber questions; UT: the first 3 of each MMLU subject.
+    assert calls["tasks"] == [(("wmdp_cyber",), 11), (("mmlu",), 3)]
+    assert (wmdp.evaluate.forget_questions, wmdp.evaluate.utility_questions) == (11, 3 * 57)
+    rwku = scale.load_benchmark("rwku", tokenizer, probe_limit=3, mmlu_per_subject=5)
     assert calls["passages"] == ["Ada"]  # the first target by default
     assert len(rwku.forget_probes) == 3 and len(rwku.neighbor_probes) == 2
+    assert (rwku.evaluate.forget_questions, rwku.evaluate.utility_questions) == (3, 5 * 57)
     scores = rwku.evaluate(model)
     assert scores["utility_accuracy"] == 0.5 and calls["tasks"][-1] == (("mmlu",), 5)
     assert 0.0 <= scores["forget_accuracy"] <= 1.0
+
+
+def test_real_benchmarks_evaluate_only_the_parts_asked_for(monkeypatch):
+    calls = _fake_hub(monkeypatch)
+    _, tokenizer = load_zoo_model("tiny-qwen2moe")
+    bench = scale.load_benchmark("wmdp", tokenizer)
+    assert bench.evaluate(None, parts=("forget",)) == {"forget_accuracy": 0.3}
+    assert calls["tasks"] == [(("wmdp_cyber",), 500)]
+    assert bench.evaluate(None, parts=("utility",)) == {"utility_accuracy": 0.5}
+    assert calls["tasks"][-1] == (("mmlu",), 20)
+    with pytest.raises(ValueError, match="parts"):
+        bench.evaluate(None, parts=("retain",))
+    with pytest.raises(ValueError, match="parts"):
+        bench.evaluate(None, parts=())
+
+
+def test_real_benchmark_subset_sizes(monkeypatch):
+    """Defaults: the first 500 WMDP-cyber questions and 20 per MMLU subject (1,140); the older
+    eval_limit sets both; WMDP is cut at its 1,987 questions and MMLU refuses more than 100."""
+    _fake_hub(monkeypatch)
+    _, tokenizer = load_zoo_model("tiny-qwen2moe")
+    counts = lambda b: (b.evaluate.forget_questions, b.evaluate.utility_questions)  # noqa: E731
+    assert counts(scale.load_benchmark("wmdp", tokenizer)) == (500, 1140)
+    assert counts(scale.load_benchmark("wmdp", tokenizer, eval_limit=50)) == (50, 50 * 57)
+    assert counts(scale.load_benchmark("wmdp", tokenizer, eval_limit=200)) == (200, 100 * 57)
+    assert counts(scale.load_benchmark("wmdp", tokenizer, forget_questions=5000)) == (1987, 1140)
+    with pytest.raises(ValueError, match="mmlu_per_subject is 101, more than 100"):
+        scale.load_benchmark("wmdp", tokenizer, mmlu_per_subject=101)
+    with pytest.raises(ValueError, match="forget_questions must be a positive int"):
+        scale.load_benchmark("wmdp", tokenizer, forget_questions=0)
+    with pytest.raises(ValueError, match="eval_limit must be a positive int"):
+        scale.load_benchmark("wmdp", tokenizer, eval_limit=0)
+
+
+def test_tiny_benchmark_evaluates_by_part():
+    model, tokenizer = load_zoo_model("tiny-qwen2moe")
+    bench = scale.tiny_benchmark(tokenizer)
+    assert (bench.evaluate.forget_questions, bench.evaluate.utility_questions) == (128, 96)
+    forget = bench.evaluate(model, parts=("forget",))
+    assert list(forget) == ["forget_accuracy"]
+    assert forget["forget_accuracy"] == pytest.approx(0.914, abs=0.005)  # the zoo's FA
 
 
 def test_footprint_markdown_has_one_row_per_preset():

@@ -26,8 +26,12 @@ from uoe_nb.progress import progress_enabled
 
 __all__ = [
     "FORGET_PROBE_KINDS",
+    "MMLU_SMALLEST_SUBJECT",
+    "MMLU_SUBJECTS",
     "NEIGHBOR_PROBE_KINDS",
+    "WMDP_QUESTIONS",
     "WMDP_SUBSETS",
+    "first_per_subject",
     "load_mmlu",
     "load_rwku_neighbor_probes",
     "load_rwku_passages",
@@ -44,6 +48,13 @@ WMDP_SUBSETS = ("bio", "chem", "cyber")
 FORGET_PROBE_KINDS = ("forget_level1", "forget_level2", "forget_level3")
 #: RWKU probes on neighbouring knowledge that unlearning should leave intact.
 NEIGHBOR_PROBE_KINDS = ("neighbor_level1", "neighbor_level2")
+#: Test questions per WMDP subset (``cais/wmdp``'s dataset card): what "the first N" is cut from.
+WMDP_QUESTIONS = {"bio": 1273, "chem": 408, "cyber": 1987}
+#: MMLU's subjects (lm-eval's ``mmlu`` group has one subtask each) and the test size of the
+#: smallest ones (``abstract_algebra`` and others: 100), so up to 100 questions per subject
+#: give every subject the same weight; the test split has 14,042 questions in all.
+MMLU_SUBJECTS = 57
+MMLU_SMALLEST_SUBJECT = 100
 
 DataFiles = str | Sequence[str] | Mapping[str, Any] | None
 
@@ -363,3 +374,24 @@ def load_mmlu(
         }
         for r in rows
     ]
+
+
+def first_per_subject(items: Sequence[Mapping[str, Any]], per_subject: int) -> list[dict[str, Any]]:
+    """The first ``per_subject`` items of every ``subject``, in their order (Section 5).
+
+    The same fixed, balanced MMLU subset that lm-eval's ``limit`` selects per subtask, for
+    items loaded with :func:`load_mmlu`: every subject with at least ``per_subject``
+    questions contributes exactly that many.
+    """
+    if isinstance(per_subject, bool) or not isinstance(per_subject, int) or per_subject < 1:
+        raise ValueError(f"per_subject must be a positive int, got {per_subject!r}")
+    taken: dict[str, int] = {}
+    out = []
+    for i, item in enumerate(items):
+        if "subject" not in item:
+            raise ValueError(f"item {i} has no 'subject' field: load MMLU with load_mmlu()")
+        subject = item["subject"]
+        if taken.get(subject, 0) < per_subject:
+            taken[subject] = taken.get(subject, 0) + 1
+            out.append(dict(item))
+    return out

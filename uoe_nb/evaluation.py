@@ -7,7 +7,8 @@ real models alike:
   the LM Evaluation Harness (``lm-eval``) on the in-memory model.
   :func:`multiple_choice_accuracy` runs any list of WMDP/MMLU-style items as a local lm-eval
   task; :func:`lm_eval_tasks` runs lm-eval's own ``wmdp_cyber`` and ``mmlu`` tasks (full mode,
-  needs the Hugging Face hub). :func:`multiple_choice_accuracy_reference` recomputes the same
+  needs the Hugging Face hub), with lm-eval's task index built once per process
+  (:func:`shared_task_manager`). :func:`multiple_choice_accuracy_reference` recomputes the same
   number in plain torch so the harness can be checked.
 * **RWKU knowledge probes** (fill-in-the-blank and question answering), scored by ROUGE-L
   recall of the reference answer in the model's greedy continuation:
@@ -17,6 +18,10 @@ The local multiple-choice task is *cloze style*: each choice's own text is score
 ``"Question: ...\\nAnswer:"``. lm-eval's real WMDP and MMLU tasks instead list the choices
 as A-D and score the letter, a format a tiny model only knows if it was trained on it; the
 cloze form measures the stored fact directly.
+
+An :class:`Evaluator` bundles the two halves, forget accuracy and utility, so that a
+training loop can ask for one part only (``evaluate(model, parts=("forget",))``) and a
+plan (:mod:`uoe_nb.plan`) can count the questions each part scores.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ import json
 import logging
 import math
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +47,9 @@ from uoe_nb.progress import progress_enabled
 
 __all__ = [
     "MC_PROMPT",
+    "PARTS",
     "PROBE_PROMPTS",
+    "Evaluator",
     "MCResult",
     "ProbeResult",
     "WorldScores",
@@ -54,6 +62,8 @@ __all__ = [
     "probe_prompt",
     "probe_rouge_recall",
     "rouge_l_recall",
+    "shared_task_manager",
+    "world_evaluator",
     "write_mc_task",
 ]
 
@@ -261,6 +271,48 @@ def _keep_pad_token(tokenizer: Any) -> Iterator[None]:
             tokenizer.pad_token = old_pad
 
 
+_TASK_MANAGERS: dict[tuple[str, ...] | None, Any] = {}
+# Loaded tasks per task manager: loading reads every subtask's dataset (57 for MMLU), so a
+# run that evaluates every few steps loads them once. A task rebuilds its requests at every
+# evaluation (lm-eval's build_all_requests), so reusing the loaded object is safe.
+_LOADED_TASKS: weakref.WeakKeyDictionary[Any, dict[tuple[str, ...], Any]] = weakref.WeakKeyDictionary()
+
+
+def shared_task_manager(include_path: str | Path | Sequence[str | Path] | None = None) -> Any:
+    """lm-eval's task index, built once per process and per ``include_path`` (Section 5).
+
+    Indexing lm-eval's thousands of built-in task YAMLs takes about 15 s; every later call
+    with the same ``include_path`` (folders of extra tasks, indexed with the built-in ones)
+    returns the same ``lm_eval.tasks.TaskManager``. :func:`lm_eval_tasks` uses it by default.
+    """
+    if include_path is None:
+        key = None
+    else:
+        paths = [include_path] if isinstance(include_path, (str, Path)) else list(include_path)
+        if not paths:
+            raise ValueError("include_path is empty: pass None for lm-eval's built-in tasks only")
+        key = tuple(sorted({str(Path(p).resolve()) for p in paths}))
+    if key not in _TASK_MANAGERS:
+        from lm_eval.tasks import TaskManager
+
+        with _quiet_lm_eval(False):
+            _TASK_MANAGERS[key] = TaskManager(include_path=list(key) if key else None)
+    return _TASK_MANAGERS[key]
+
+
+def _load_tasks(task_manager: Any, tasks: Sequence[str], reuse: bool) -> Any:
+    if not reuse:
+        return task_manager.load(list(tasks))
+    try:
+        per_manager = _LOADED_TASKS.setdefault(task_manager, {})
+    except TypeError:  # a manager that cannot be weakly referenced: load every time
+        return task_manager.load(list(tasks))
+    key = tuple(tasks)
+    if key not in per_manager:
+        per_manager[key] = task_manager.load(list(tasks))
+    return per_manager[key]
+
+
 def _run_lm_eval(
     lm: Any,
     task_manager: Any,
@@ -269,16 +321,18 @@ def _run_lm_eval(
     limit: int | None,
     num_fewshot: int | None,
     log_samples: bool,
+    reuse_tasks: bool = False,
 ) -> dict[str, Any]:
     """``lm_eval.evaluator.evaluate`` on loaded tasks.
 
     ``simple_evaluate`` is avoided on purpose: it reseeds Python, numpy and torch globally
     (which would change a training run that evaluates mid-way) and shells out to ``git``,
-    which prints ``fatal: not a git repository`` outside a repository.
+    which prints ``fatal: not a git repository`` outside a repository. With
+    ``reuse_tasks`` the tasks loaded by an earlier call with the same manager are reused.
     """
     from lm_eval import evaluator
 
-    loaded = task_manager.load(list(tasks))
+    loaded = _load_tasks(task_manager, tasks, reuse_tasks)
     for task in loaded["tasks"].values():
         configured = task.get_config("num_fewshot")
         # Like simple_evaluate: a task pinned to 0-shot in its YAML (WMDP) stays 0-shot.
@@ -451,22 +505,21 @@ def lm_eval_tasks(
 
     Runs lm-eval's built-in tasks (``wmdp_cyber``: 0-shot, lettered choices; ``mmlu``: the
     57-subject group, size-weighted mean), which download their data from the Hugging Face
-    hub, so this is for full mode. ``limit`` caps the items per (sub)task. Building lm-eval's
-    index of its thousands of task YAMLs takes about 15 s: pass one
-    ``lm_eval.tasks.TaskManager()`` as ``task_manager`` to pay that once for several models
-    (it may also ``include_path`` a folder of your own tasks). Returns ``{task: accuracy}``.
+    hub, so this is for full mode. ``limit`` keeps the first ``limit`` questions of every
+    (sub)task: for ``mmlu`` that is ``limit`` questions per subject (57 x ``limit`` when
+    ``limit`` <= 100, the smallest subject's size), for ``wmdp_cyber`` the first ``limit``.
+    ``task_manager`` defaults to :func:`shared_task_manager` (lm-eval's index, built once per
+    process); the tasks it loads are kept and reused by later calls with the same manager.
+    Returns ``{task: accuracy}``.
     """
     if isinstance(tasks, str):
         tasks = (tasks,)
     if not tasks:
         raise ValueError("tasks is empty: name at least one lm-eval task, e.g. 'wmdp_cyber' or 'mmlu'")
     _check_limit(limit)
-    from lm_eval.tasks import TaskManager
-
     show = _progress_enabled(progress)
     if task_manager is None:
-        with _quiet_lm_eval(show):
-            task_manager = TaskManager()
+        task_manager = shared_task_manager()
     unknown = [t for t in tasks if t not in task_manager.task_index]
     if unknown:
         raise ValueError(
@@ -486,8 +539,9 @@ def lm_eval_tasks(
         lm = _make_lm(model, tokenizer, batch_size, show)
         try:
             results = _run_lm_eval(
-                lm, task_manager, outermost, limit=limit, num_fewshot=num_fewshot, log_samples=False
-            )
+                lm, task_manager, outermost, limit=limit, num_fewshot=num_fewshot, log_samples=False,
+                reuse_tasks=True,
+            )  # fmt: skip
         except ConnectionError as err:
             raise RuntimeError(
                 f"lm-eval could not download the data of {list(tasks)}: its built-in tasks need network "
@@ -736,4 +790,71 @@ def evaluate_world(
         neighbor_fill=probes["neighbor"].by_level.get(1, float("nan")),
         neighbor_qa=probes["neighbor"].by_level.get(2, float("nan")),
         utility_by_subject={k: sum(v) / len(v) for k, v in by_subject.items()},
+    )
+
+
+# --------------------------------------------------------------------------- evaluators by part
+
+#: The two halves of an evaluation: forget accuracy (FA) and utility (UT).
+PARTS = ("forget", "utility")
+
+
+def _check_parts(parts: str | Sequence[str]) -> tuple[str, ...]:
+    parts = (parts,) if isinstance(parts, str) else tuple(parts)
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown or not parts:
+        raise ValueError(f"parts must be a non-empty tuple from {PARTS}, got {parts!r}")
+    return parts
+
+
+@dataclass
+class Evaluator:
+    """Forget accuracy and utility as two parts that can be computed alone (Section 5, Chapters 2-8).
+
+    ``evaluate(model)`` returns ``{"forget_accuracy": ..., "utility_accuracy": ...}``;
+    ``evaluate(model, parts=("forget",))`` computes and returns only the forget part (a
+    training loop checks forgetting at intermediate checkpoints and utility only where it
+    matters). ``forget_questions`` and ``utility_questions`` are how many questions (or
+    probes) each part scores, for a plan (:mod:`uoe_nb.plan`) to count.
+    """
+
+    forget: Callable[[Any], float]
+    utility: Callable[[Any], float]
+    forget_questions: int
+    utility_questions: int
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        for key in ("forget_questions", "utility_questions"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key} must be a positive int (questions scored), got {value!r}")
+
+    def __call__(self, model: Any, parts: str | Sequence[str] = PARTS) -> dict[str, float]:
+        parts = _check_parts(parts)
+        out: dict[str, float] = {}
+        if "forget" in parts:
+            out["forget_accuracy"] = float(self.forget(model))
+        if "utility" in parts:
+            out["utility_accuracy"] = float(self.utility(model))
+        return out
+
+
+def world_evaluator(tokenizer: Any, world: Any, *, batch_size: int = 64) -> Evaluator:
+    """FA and UT on a tiny world through lm-eval, by part (Chapter 1): 128 and 96 questions for the zoo's world."""
+
+    def forget(model: Any) -> float:
+        return multiple_choice_accuracy(model, tokenizer, world.forget_questions, name="tiny_forget",
+                                        batch_size=batch_size, progress=False).accuracy  # fmt: skip
+
+    def utility(model: Any) -> float:
+        return multiple_choice_accuracy(model, tokenizer, world.utility_questions, name="tiny_utility",
+                                        batch_size=batch_size, progress=False).accuracy  # fmt: skip
+
+    return Evaluator(
+        forget,
+        utility,
+        forget_questions=len(world.forget_questions),
+        utility_questions=len(world.utility_questions),
+        description="FA: the world's forget-domain multiple choice; UT: its utility subjects",
     )

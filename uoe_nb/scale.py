@@ -502,14 +502,17 @@ class Benchmark:
     """A forget set, a retain set and how to score a model on them (Section 5 of the paper).
 
     ``evaluate(model)`` returns at least ``forget_accuracy`` (FA, lower is better) and
-    ``utility_accuracy`` (UT); the probes are RWKU-style ``{"query", "answer", "level"}``
-    dicts scored by ROUGE-L recall of a greedy answer (may be empty).
+    ``utility_accuracy`` (UT); the benchmarks :func:`load_benchmark` builds use an
+    :class:`uoe_nb.evaluation.Evaluator`, which also takes ``parts=("forget",)`` or
+    ``("utility",)`` and knows its ``forget_questions`` and ``utility_questions``. The
+    probes are RWKU-style ``{"query", "answer", "level"}`` dicts scored by ROUGE-L recall
+    of a greedy answer (may be empty).
     """
 
     name: str
     forget_texts: list[str]
     retain_texts: list[str]
-    evaluate: Callable[[nn.Module], Mapping[str, float]]
+    evaluate: Callable[..., Mapping[str, float]]
     forget_probes: list[dict] = field(default_factory=list)
     neighbor_probes: list[dict] = field(default_factory=list)
     description: str = ""
@@ -521,7 +524,7 @@ class Benchmark:
 
 def tiny_benchmark(tokenizer: Any) -> Benchmark:
     """The tiny world the zoo models learned (Chapter 1): crystal passages to forget, everyday text to keep."""
-    from .unlearn import world_evaluator
+    from .evaluation import world_evaluator
     from .world import build_world
     from .zoo import WORLD_SEED
 
@@ -538,26 +541,49 @@ def tiny_benchmark(tokenizer: Any) -> Benchmark:
     )
 
 
+#: Default evaluation subsets of the real benchmarks: the first 500 WMDP-cyber questions and
+#: the first 20 questions of each of MMLU's 57 subjects (1,140), sized for a Colab runtime.
+FORGET_QUESTIONS = 500
+MMLU_PER_SUBJECT = 20
+
+
+def _count(value: Any, what: str, most: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{what} must be a positive int, got {value!r}")
+    if most is not None and value > most:
+        raise ValueError(f"{what} is {value}, more than {most}")
+    return value
+
+
 def load_benchmark(
     name: str,
     tokenizer: Any,
     *,
     forget_limit: int = 2000,
     retain_limit: int = 2000,
-    eval_limit: int | None = 200,
+    forget_questions: int | None = None,
+    mmlu_per_subject: int | None = None,
+    eval_limit: int | None = None,
     probe_limit: int = 100,
     rwku_subjects: Sequence[str] | None = None,
 ) -> Benchmark:
-    """A :class:`Benchmark` by name: ``"tiny"``, ``"wmdp"`` or ``"rwku"`` (Section 5).
+    """A :class:`Benchmark` by name: ``"tiny"``, ``"wmdp"`` or ``"rwku"`` (Section 5, Chapter 8).
 
     * ``tiny``: :func:`tiny_benchmark` (no download).
     * ``wmdp``: WMDP's cyber forget corpus, wikitext as retain set, FA = lm-eval
-      ``wmdp_cyber``, UT = lm-eval ``mmlu`` (``eval_limit`` items per task), probes
-      from RWKU's first ``probe_limit`` targets are not used (none).
+      ``wmdp_cyber`` on its first ``forget_questions`` questions (default 500 of 1,987),
+      UT = lm-eval ``mmlu`` on the first ``mmlu_per_subject`` questions of each of its 57
+      subjects (default 20, so 1,140 questions, every subject weighted equally; at most
+      100, the smallest subject's size).
     * ``rwku``: RWKU passages of ``rwku_subjects`` (default: the first target) as the
-      forget set, wikitext as retain set, FA = mean ROUGE-L recall on their forget
-      probes, UT = lm-eval ``mmlu``; the probes and neighbour probes are kept.
-    The real benchmarks download from the Hugging Face hub.
+      forget set, wikitext as retain set, FA = mean ROUGE-L recall on their first
+      ``probe_limit`` forget probes, UT = the same MMLU subset; the probes and neighbour
+      probes are kept.
+
+    ``evaluate`` is an :class:`uoe_nb.evaluation.Evaluator`: ``parts`` selects FA or UT,
+    ``forget_questions`` / ``utility_questions`` count them. ``eval_limit`` is the older
+    single knob: when given it sets both counts that are not given. lm-eval's task index is
+    built once per process. The real benchmarks download from the Hugging Face hub.
     """
     from . import data, evaluation
 
@@ -565,52 +591,60 @@ def load_benchmark(
         return tiny_benchmark(tokenizer)
     if name not in ("wmdp", "rwku"):
         raise ValueError(f"unknown benchmark {name!r}; choose 'tiny', 'wmdp' or 'rwku'")
+    if eval_limit is not None:
+        _count(eval_limit, "eval_limit")
+    if forget_questions is None:
+        forget_questions = eval_limit if eval_limit is not None else FORGET_QUESTIONS
+    n_forget = min(_count(forget_questions, "forget_questions"), data.WMDP_QUESTIONS["cyber"])
+    if mmlu_per_subject is None:
+        mmlu_per_subject = min(eval_limit, data.MMLU_SMALLEST_SUBJECT) if eval_limit else MMLU_PER_SUBJECT
+    per_subject = _count(mmlu_per_subject, "mmlu_per_subject", most=data.MMLU_SMALLEST_SUBJECT)
     retain = data.load_wikitext(limit=retain_limit)
-    managers: list[Any] = []
 
-    def task_manager() -> Any:
-        # lm-eval indexes its thousands of task files in ~15 s: do it once per benchmark,
-        # not at every periodic evaluation of an unlearning run.
-        if not managers:
-            from lm_eval.tasks import TaskManager
+    def utility(model: nn.Module) -> float:
+        # evaluation.lm_eval_tasks is looked up at call time, so a patched one is used
+        return evaluation.lm_eval_tasks(model, tokenizer, ("mmlu",), limit=per_subject)["mmlu"]
 
-            managers.append(TaskManager())
-        return managers[0]
-
+    mmlu_words = f"lm-eval mmlu, first {per_subject} of each of {data.MMLU_SUBJECTS} subjects"
     if name == "wmdp":
 
-        def evaluate(model: nn.Module) -> dict[str, float]:
-            acc = evaluation.lm_eval_tasks(
-                model, tokenizer, ("wmdp_cyber", "mmlu"), limit=eval_limit, task_manager=task_manager()
-            )
-            return {"forget_accuracy": acc["wmdp_cyber"], "utility_accuracy": acc["mmlu"]}
+        def forget(model: nn.Module) -> float:
+            return evaluation.lm_eval_tasks(model, tokenizer, ("wmdp_cyber",), limit=n_forget)["wmdp_cyber"]
 
         return Benchmark(
             name="WMDP-cyber",
             forget_texts=data.load_wmdp_corpus("cyber", "forget", limit=forget_limit),
             retain_texts=retain,
-            evaluate=evaluate,
-            description="FA: lm-eval wmdp_cyber; UT: lm-eval mmlu",
+            evaluate=evaluation.Evaluator(
+                forget,
+                utility,
+                n_forget,
+                per_subject * data.MMLU_SUBJECTS,
+                description=f"FA: lm-eval wmdp_cyber, first {n_forget}; UT: {mmlu_words}",
+            ),  # fmt: skip
+            description=f"FA: lm-eval wmdp_cyber (first {n_forget} questions); UT: {mmlu_words}",
         )
     subjects = list(rwku_subjects or data.load_rwku_targets()[:1])
     probes = data.load_rwku_probes(subjects)[:probe_limit]
     neighbours = data.load_rwku_neighbor_probes(subjects)[:probe_limit]
 
-    def evaluate(model: nn.Module) -> dict[str, float]:
-        forget = evaluation.probe_rouge_recall(model, tokenizer, probes).mean
-        acc = evaluation.lm_eval_tasks(
-            model, tokenizer, ("mmlu",), limit=eval_limit, task_manager=task_manager()
-        )
-        return {"forget_accuracy": forget, "utility_accuracy": acc["mmlu"]}
+    def forget_probes(model: nn.Module) -> float:
+        return evaluation.probe_rouge_recall(model, tokenizer, probes).mean
 
     return Benchmark(
         name=f"RWKU ({', '.join(subjects)})",
         forget_texts=data.load_rwku_passages(subjects)[:forget_limit],
         retain_texts=retain,
-        evaluate=evaluate,
+        evaluate=evaluation.Evaluator(
+            forget_probes,
+            utility,
+            len(probes),
+            per_subject * data.MMLU_SUBJECTS,
+            description=f"FA: ROUGE-L recall on {len(probes)} probes; UT: {mmlu_words}",
+        ),  # fmt: skip
         forget_probes=probes,
         neighbor_probes=neighbours,
-        description="FA: ROUGE-L recall on the targets' probes; UT: lm-eval mmlu",
+        description=f"FA: ROUGE-L recall on the targets' {len(probes)} probes; UT: {mmlu_words}",
     )
 
 
