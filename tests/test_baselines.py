@@ -193,7 +193,7 @@ def _likelihood_evaluator(tok, world):
     return evaluate
 
 
-def test_run_grid_trains_copies_and_uoe_changes_only_the_target(setup):
+def test_run_grid_trains_in_place_and_uoe_changes_only_the_target(setup):
     world, model, tok, aff = setup
     oracle, _ = load_zoo_model("tiny-qwen2moe-oracle")
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -218,17 +218,23 @@ def test_run_grid_trains_copies_and_uoe_changes_only_the_target(setup):
     assert all(r.step == 2 and r.reached is None for r in grid.records)
     assert grid.records[0].forget_accuracy_before == pytest.approx(evaluate(model)["forget_accuracy"])
 
-    # the kept UOE copy changed only the target expert's slice and the target router
+    # the kept UOE run's patch changes only the target expert's slice and the target router
+    from uoe_nb.patches import apply_patch, revert_patch
+
     layer, expert = aff.target
-    kept = grid.results[("GA+UOE", 0)].model
-    assert grid.results[("GA+UOE", 1)].model is None and grid.results[("GA", 0)].model is None
-    changed = changed_parameters(kept, state)
-    lay = next(m for m in find_moe_layers(kept) if m.layer_index == layer)
+    patch = grid.results[("GA+UOE", 0)].patch
+    assert grid.results[("GA+UOE", 1)].patch is None and grid.results[("GA", 0)].patch is None
+    assert all(r.model is None for r in grid.results.values())
+    apply_patch(model, patch)
+    changed = changed_parameters(model, state)
+    revert_patch(model, patch)
+    lay = next(m for m in find_moe_layers(model) if m.layer_index == layer)
     assert changed and set(changed) <= set(lay.expert_parameters()) | set(lay.router_parameters())
     assert any(name in lay.router_parameters() for name in changed)
     for name in lay.expert_parameters():
         if name in changed:
             assert changed[name].nonzero().flatten().tolist() == [expert]
+    assert all(r.oracle is not None for r in grid.records)
 
     # the two seeds see the forget batches in different orders
     uoe0, uoe1 = grid.records[0], grid.records[1]

@@ -57,22 +57,38 @@ def test_random_expert_variant_is_seeded_and_never_the_target(setup):
     assert random_expert_variant(aff, 3) == random_expert_variant(aff, 3)
 
 
-def test_run_variant_trains_a_copy_and_anchors_to_the_variant_expert(setup):
+def test_run_variant_trains_in_place_gives_the_model_back_and_keeps_a_patch(setup):
+    from uoe_nb.patches import apply_patch, revert_patch
+
     world, model, tok, aff = setup
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     variant = random_expert_variant(aff, 0)
     layer, expert = variant.target
     cfg = UnlearnConfig(method="ga", lr=3e-3, steps=3, eval_every=3, monitor_docs=8, seed=0)
+    seen = {}
+
+    def inspect(result):  # runs while the model is unlearned
+        seen["same model"] = result.model is model
+        return changed_parameters(result.model, before)
+
     row, result = run_variant(model, tok, world.forget_corpus[:16], world.retain_corpus[:16], variant, cfg,
-                              affinity=aff)  # fmt: skip
-    # the base model is untouched, the copy changed only the variant's expert and router
+                              affinity=aff, inspect=inspect, keep_patch=True, base_name="tiny")  # fmt: skip
+    # trained in place (no copy), then given back bitwise; the result holds no model
+    assert seen["same model"] and result.model is None
     assert not changed_parameters(model, before)
-    changed = changed_parameters(result.model, before)
-    lay = next(m for m in find_moe_layers(result.model) if m.layer_index == layer)
+    changed = result.inspected
+    lay = next(m for m in find_moe_layers(model) if m.layer_index == layer)
     assert changed and set(changed) <= set(lay.expert_parameters()) | set(lay.router_parameters())
     for name in lay.expert_parameters():
         if name in changed:
             assert changed[name].nonzero().flatten().tolist() == [expert]
+    # the patch holds exactly that change: applied, the unlearned model is back
+    assert set(result.patch.names) == set(changed)
+    assert (result.patch.info.layer, result.patch.info.expert) == variant.target
+    apply_patch(model, result.patch)
+    assert set(changed_parameters(model, before)) == set(changed)
+    revert_patch(model, result.patch)
+    assert not changed_parameters(model, before)
     assert result.target == variant.target  # the anchor points at the trained expert
     assert row["variant"] == variant.label and row["step"] == 3
     assert math.isnan(row["FA"])  # no evaluator given

@@ -4,11 +4,11 @@ Table 2 of the paper runs four unlearning methods (GA, GradDiff, NPO, RMU) with 
 without UOE; Table 4 compares GA with UOE against GA with the parameter-efficient
 alternatives LoRA and ESFT; Table 3 lists what share of the parameters each of those
 scopes trains. This module runs such a grid of (method x scope) cells over several
-seeds, each on a fresh copy of one base model and (where the configuration says so)
+seeds, each on one base model trained in place and given back, and (where the configuration says so)
 to the same forget-accuracy target, and turns the runs into tables:
 
 * :class:`Baseline` names one cell (method, scope, learning rate, other settings);
-* :func:`run_grid` unlearns a copy of the base model for every cell and seed through
+* :func:`run_grid` unlearns the base model for every cell and seed through
   :func:`uoe_nb.layer_study.run_variant`, optionally measures each unlearned model's
   distance to a retrain oracle (:func:`uoe_nb.diagnostics.oracle_distance`), and
   returns a :class:`BaselineGrid` of :class:`RunRecord` objects;
@@ -22,7 +22,6 @@ to the same forget-accuracy target, and turns the runs into tables:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import math
@@ -38,7 +37,7 @@ from .diagnostics import OracleDistance, oracle_distance
 from .layer_study import Variant, run_variant
 from .routing import batches as make_batches
 from .scopes import Scope, describe_scopes
-from .unlearn import METHODS, UnlearnConfig, UnlearnResult
+from .unlearn import METHODS, PARTS, UnlearnConfig, UnlearnResult, takes_parts
 
 __all__ = [
     "BASELINE_SCOPES",
@@ -496,16 +495,19 @@ class BaselineGrid:
 def _starting_from(before: Mapping[str, float], evaluate: Callable[[nn.Module], Mapping[str, float]]):
     """``evaluate``, except that its first call returns ``before``.
 
-    :func:`uoe_nb.unlearn.unlearn` evaluates at step 0, when the copy still equals the base
+    :func:`uoe_nb.unlearn.unlearn` evaluates at step 0, when the model still equals the base
     model (LoRA adapters start at zero), so the base model's evaluation serves every run.
+    An evaluator that takes ``parts`` keeps taking them (``utility_eval="target"``).
     """
     first = [True]
 
-    def wrapped(model: nn.Module) -> Mapping[str, float]:
+    with_parts = takes_parts(evaluate)
+
+    def wrapped(model: nn.Module, parts: Sequence[str] = PARTS) -> Mapping[str, float]:
         if first[0]:
             first[0] = False
             return dict(before)
-        return evaluate(model)
+        return evaluate(model, parts=parts) if with_parts else evaluate(model)
 
     return wrapped
 
@@ -534,18 +536,21 @@ def run_grid(
     oracle_batch_size: int = 16,
     keep: Callable[[Baseline, int], bool] | None = None,
 ) -> BaselineGrid:
-    """Unlearn a copy of ``base_model`` for every baseline and seed (Tables 2 and 4; Chapter 6).
+    """Unlearn ``base_model`` for every baseline and seed (Tables 2 and 4; Chapter 6).
 
     Each run is :func:`uoe_nb.layer_study.run_variant` with ``config`` changed by the
-    baseline (:meth:`Baseline.config`) and the seed; ``base_model`` is never trained.
+    baseline (:meth:`Baseline.config`) and the seed: it trains ``base_model`` in place and
+    gives it back bitwise (no copy of the model; what a scope trains is backed up in host
+    memory).
     Set ``config.stop_forget_accuracy`` to run every cell to the same forget accuracy.
     ``evaluate(model) -> {"forget_accuracy", "utility_accuracy"}`` is required;
     ``before`` is its value on ``base_model`` (measured once when not given) and stands
     for every run's step-0 evaluation. Pass the base model's ``affinity`` so attribution
     runs once. With an ``oracle`` (a model retrained without the forget data) and
     ``oracle_texts=(forget_texts, retain_texts)``, each kept model's output KL to the
-    oracle is measured (:func:`uoe_nb.diagnostics.oracle_distance`). Unlearned copies
-    are dropped after measuring unless ``keep(baseline, seed)`` is true.
+    oracle is measured (:func:`uoe_nb.diagnostics.oracle_distance`). Where
+    ``keep(baseline, seed)`` is true the run's change is kept as ``result.patch``
+    (apply it to ``base_model`` with :func:`uoe_nb.patches.apply_patch`).
     """
     baselines = list(baselines)
     seeds = list(seeds)
@@ -592,6 +597,12 @@ def run_grid(
     for baseline in baselines:
         for seed in seeds:
             cfg = baseline.config(config, seed)
+            inspect = None
+            if oracle is not None:
+
+                def inspect(result):
+                    return oracle_distance(_plain_model(result.model), oracle, *oracle_batches, routing=False)
+
             row, result = run_variant(
                 base_model,
                 tokenizer,
@@ -601,10 +612,11 @@ def run_grid(
                 cfg,
                 evaluate=_starting_from(before, evaluate),
                 affinity=affinity,
+                inspect=inspect,
+                keep_patch=keep is not None and keep(baseline, seed),
+                base_name=model_name,
             )
-            distance = None
-            if oracle is not None:
-                distance = oracle_distance(_plain_model(result.model), oracle, *oracle_batches, routing=False)
+            distance = result.inspected
             target = cfg.stop_forget_accuracy
             records.append(
                 RunRecord(
@@ -626,8 +638,6 @@ def run_grid(
                 )
             )
             log.info("%s %s seed %d: %s", model_name, baseline.label, seed, records[-1].as_row())
-            if keep is None or not keep(baseline, seed):
-                result.model = None
             results[(baseline.label, seed)] = result
     return BaselineGrid(model=model_name, before=before, records=records, results=results)
 
@@ -643,7 +653,7 @@ def parameter_ratios(
     """Trainable parameters of each scope as a share of the model (the paper's Table 3).
 
     ``affinity`` is the forget set's :class:`~uoe_nb.attribution.Affinity` (UOE's target and
-    ESFT's experts come from it). The scopes are applied to a copy (one model's memory), so the
+    ESFT's experts come from it). Each scope is applied to the model and undone, so the
     model is left as it was. Where ``model_name`` is a
     paper model or its zoo twin, the paper's percentage is shown beside ours.
     """
@@ -653,9 +663,10 @@ def parameter_ratios(
     unknown = [s for s in scopes if s not in BASELINE_SCOPES]
     if unknown:
         raise ValueError(f"unknown baseline scopes {unknown}; choose from {list(BASELINE_SCOPES)}")
-    work = copy.deepcopy(model)  # LoRA wraps the model in place; keep the caller's model untouched
+    # describe_scopes applies each scope to the model itself and undoes it (LoRA unloaded,
+    # trained rows dropped, flags restored): no copy of the model is needed.
     rows = describe_scopes(
-        work, [Scope.from_name(s) for s in scopes], target=affinity.target, affinity=affinity
+        model, [Scope.from_name(s) for s in scopes], target=affinity.target, affinity=affinity
     )
     try:
         paper = PAPER_PARAMETER_RATIOS[_paper_model(model_name)]

@@ -24,7 +24,6 @@ anchor to *that* expert, so those variants carry their own target
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -132,20 +131,37 @@ def run_variant(
     *,
     evaluate: Callable[[nn.Module], Mapping[str, float]] | None = None,
     affinity: Affinity | None = None,
+    inspect: Callable[[UnlearnResult], Any] | None = None,
+    keep_patch: bool = False,
+    base_name: str = "",
 ) -> tuple[dict[str, Any], UnlearnResult]:
-    """Unlearn a deep copy of ``base_model`` with ``variant``; ``base_model`` is not touched.
+    """Unlearn ``base_model`` with ``variant``, then give it back bitwise as it was.
+
+    The run trains the model in place (no copy of the model): what the scope trains is
+    copied to host memory first (``unlearn(..., keep_original=True)``: one expert and a
+    router for UOE, every parameter for a whole-model scope) and written back at the end.
+    While the model is unlearned, ``inspect(result)`` runs if given (its value is stored in
+    ``result.inspected``), and with ``keep_patch`` the change is stored as
+    ``result.patch`` (:class:`uoe_nb.patches.Patch`, on the CPU): ``apply_patch(base_model,
+    result.patch)`` brings the unlearned model back when a later cell needs it. The result
+    holds no model afterwards (:meth:`UnlearnResult.release`).
 
     ``config`` supplies everything but the scope and the anchor target, which come from
     the variant. Pass the base model's ``affinity`` so attribution runs once for all
-    variants. The copy costs one model's memory: set ``result.model = None`` on results
-    whose model is no longer needed. Returns ``(row, result)``: the row holds the variant's label and group, the
+    variants. Returns ``(row, result)``: the row holds the variant's label and group, the
     scope's name and trainable count, the kept checkpoint's step, forget accuracy (FA),
     utility (UT), and its expert-selection overlap with the original model on forget
     and retain text (mean over layers, and per layer as ``overlap_forget/L``).
     """
-    model = copy.deepcopy(base_model)
     cfg = dataclasses.replace(config, scope=variant.scope, target=variant.target)
-    result = unlearn(model, forget, retain, cfg, tokenizer=tokenizer, evaluate=evaluate, affinity=affinity)
+    result = unlearn(base_model, forget, retain, cfg, tokenizer=tokenizer, evaluate=evaluate, affinity=affinity,
+                     keep_original=True)  # fmt: skip
+    try:
+        result.inspected = inspect(result) if inspect is not None else None
+        result.patch = result.make_patch(base_name or type(base_model).__name__) if keep_patch else None
+    finally:
+        result.restore()
+        result.release()
     best = result.best
     row: dict[str, Any] = {
         "group": variant.group,

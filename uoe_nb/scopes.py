@@ -408,8 +408,10 @@ class ScopeResult:
 
         LoRA adapters are not touched: use ``model.merge_and_unload()`` or ``unload()``.
         """
-        if isinstance(self.selection, TrainableSelection):
+        if isinstance(self.selection, TrainableSelection) and self.selection.model is not None:
             self.selection.remove()
+        if self.model is not None and _applied(self.model) is self:
+            self.model.__dict__.pop(_APPLIED_ATTR, None)  # no longer applied: the next scope has nothing to undo
 
 
 # --------------------------------------------------------------------------------------

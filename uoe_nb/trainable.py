@@ -232,6 +232,22 @@ class TrainableSelection:
         """One AdamW group: only selected values are parameters, so decay touches nothing else."""
         return [{"params": self.parameters(), "weight_decay": weight_decay}]
 
+    def original_values(self, device: str | torch.device = "cpu") -> dict[str, tuple[list[int] | None, torch.Tensor]]:
+        """Copies (on ``device``) of what this selection can change, keyed by the plain model's
+        parameter names: ``(rows, values)`` with the trained rows of a fused tensor, or
+        ``(None, values)`` for a whole tensor. For a whole-model scope this is a copy of every
+        parameter (host memory by default: the price of giving the base model back)."""
+        params = dict(self.model.named_parameters())
+        out: dict[str, tuple[list[int] | None, torch.Tensor]] = {}
+        for name in self.names:
+            if ".trained." in name:
+                experts_name, _, tensor = name.partition(".trained.")
+                rows = list(trained_rows(self.model.get_submodule(experts_name)).experts)
+                out[f"{experts_name}.{tensor}"] = (rows, params[name].detach().to(device, copy=True))
+            else:
+                out[name] = (None, params[name].detach().to(device, copy=True))
+        return out
+
     def write_back(self) -> None:
         """Copy the trained rows into the fused tensors (after an optimizer step)."""
         for name in self.split:

@@ -54,6 +54,7 @@ from torch import nn
 
 from . import objectives
 from .attribution import expert_affinity
+from .evaluation import PARTS, world_evaluator
 from .fastpath import LayerInputCache, forward_from_layer, hidden_after_layer
 from .moe import capture_routing, find_moe_layers
 from .progress import progress
@@ -61,7 +62,16 @@ from .routing import batches as make_batches
 from .scopes import LoraSelection, Scope, ScopeResult, apply_scope
 from .trainable import MasterWeights
 
-__all__ = ["METHODS", "StepRecord", "UnlearnConfig", "UnlearnResult", "unlearn", "world_evaluator"]
+__all__ = [
+    "METHODS",
+    "PARTS",
+    "StepRecord",
+    "UnlearnConfig",
+    "UnlearnResult",
+    "takes_parts",
+    "unlearn",
+    "world_evaluator",
+]
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +175,9 @@ class UnlearnResult:
     affinity: Any = None
     steps_run: int = 0  # optimiser steps taken (fewer than config.steps after an early stop)
     train_seconds: float = 0.0  # wall time of those steps (loss, backward, optimiser), evaluation excluded
+    original: dict[str, tuple[list[int] | None, torch.Tensor]] | None = None  # with keep_original
+    inspected: Any = None  # what a caller measured on the unlearned model (layer_study.run_variant)
+    patch: Any = None  # the run's change as a uoe_nb.patches.Patch, when kept
 
     @property
     def seconds_per_step(self) -> float:
@@ -174,6 +187,45 @@ class UnlearnResult:
     @property
     def best(self) -> StepRecord:
         return next(r for r in self.history if r.step == self.best_step)
+
+    def restore(self) -> nn.Module:
+        """Put the model back as it was before the run (needs ``unlearn(..., keep_original=True)``;
+        a LoRA run removes its adapters instead) and return it. Bitwise: only what the scope
+        trained is written, from the copies taken before the first step."""
+        if self.model is None:
+            raise ValueError("this result no longer holds its model (release() was called)")
+        if isinstance(self.scope.selection, LoraSelection):
+            self.model = self.model.unload()
+            self.scope.model = self.scope.selection.model = self.model
+            return self.model
+        if self.original is None:
+            raise ValueError("restore() needs the original values: run unlearn(..., keep_original=True)")
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, (rows, values) in self.original.items():
+                p = params[name]
+                if rows is None:
+                    p.copy_(values)
+                else:
+                    p.index_copy_(0, torch.tensor(rows, device=p.device), values.to(p.device, p.dtype))
+        return self.model
+
+    def make_patch(self, base_model: str, **metadata: Any):
+        """The :class:`uoe_nb.patches.Patch` of this run's change (needs ``keep_original=True``):
+        only what the scope trained, with its values before and after; ``base_model`` names
+        the checkpoint it applies to. Call it before :meth:`restore`."""
+        from .patches import make_patch
+
+        if self.model is None or self.original is None:
+            raise ValueError("make_patch() needs the model and unlearn(..., keep_original=True)")
+        if isinstance(self.scope.selection, LoraSelection):
+            raise ValueError("a LoRA run has no patch: merge_and_unload() the model and save it instead")
+        metadata = {"base_model": base_model, "method": self.config.method, "config": config_dict(self.config),
+                    "metrics": dict(self.best.metrics), **metadata}  # fmt: skip
+        if self.target is not None:
+            metadata.setdefault("layer", self.target[0])
+            metadata.setdefault("expert", self.target[1])
+        return make_patch(_BaseView(self.model, self.original), self.model, metadata=metadata)
 
     def release(self) -> None:
         """Drop every reference this result holds to the model (keep the history and numbers).
@@ -208,34 +260,8 @@ class UnlearnResult:
 # ---------------------------------------------------------------------------------
 
 
-PARTS = ("forget", "utility")
-
-
-def world_evaluator(tokenizer, world, *, batch_size: int = 64) -> Callable[..., dict[str, float]]:
-    """Forget accuracy (FA) and utility (UT) on a tiny world, through lm-eval.
-
-    ``evaluate(model, parts=("forget", "utility"))`` computes only the parts asked for.
-    """
-    from .evaluation import multiple_choice_accuracy
-
-    def evaluate(model: nn.Module, parts: Sequence[str] = PARTS) -> dict[str, float]:
-        out = {}
-        if "forget" in parts:
-            out["forget_accuracy"] = multiple_choice_accuracy(
-                model, tokenizer, world.forget_questions, name="tiny_forget", batch_size=batch_size, progress=False
-            ).accuracy
-        if "utility" in parts:
-            out["utility_accuracy"] = multiple_choice_accuracy(
-                model, tokenizer, world.utility_questions, name="tiny_utility", batch_size=batch_size, progress=False
-            ).accuracy
-        return out
-
-    evaluate.forget_questions = len(world.forget_questions)
-    evaluate.utility_questions = len(world.utility_questions)
-    return evaluate
-
-
-def _takes_parts(evaluate: Callable) -> bool:
+def takes_parts(evaluate: Callable) -> bool:
+    """Whether ``evaluate`` accepts ``parts=`` (see :class:`uoe_nb.evaluation.Evaluator`)."""
     try:
         return "parts" in inspect.signature(evaluate).parameters
     except (TypeError, ValueError):
@@ -325,7 +351,7 @@ class _Run:
     def measure(self, step: int, forget_loss: float | None, loss: float | None, *, final: bool = False) -> StepRecord:
         rec = StepRecord(step=step, forget_loss=forget_loss, loss=loss)
         if self.evaluate is not None:
-            if self.cfg.utility_eval == "always" or step == 0 or final or not _takes_parts(self.evaluate):
+            if self.cfg.utility_eval == "always" or step == 0 or final or not takes_parts(self.evaluate):
                 rec.metrics = dict(self.evaluate(self.model))
             else:  # utility only where forgetting reached the target (Colab-sized full mode)
                 rec.metrics = dict(self.evaluate(self.model, parts=("forget",)))
@@ -452,6 +478,31 @@ def _null():
     yield None
 
 
+class _BaseView(Mapping):
+    """The model before a run, read lazily: kept originals where the run trained, else the
+    current (untouched) parameters."""
+
+    def __init__(self, model: nn.Module, original: Mapping[str, tuple[list[int] | None, torch.Tensor]]):
+        self.params = dict(model.named_parameters())
+        self.original = original
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.original:
+            return self.params[name].detach()
+        rows, values = self.original[name]
+        if rows is None:
+            return values
+        full = self.params[name].detach().to(values.device, copy=True)
+        full[rows] = values.to(full.dtype)
+        return full
+
+    def __iter__(self):
+        return iter(self.params)
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+
 def _to(value: Any, device: str | torch.device) -> Any:
     if isinstance(value, torch.Tensor):
         return value.to(device)
@@ -474,6 +525,7 @@ def unlearn(
     tokenizer,
     evaluate: Callable[[nn.Module], Mapping[str, float]] | None = None,
     affinity: Any = None,
+    keep_original: bool = False,
 ) -> UnlearnResult:
     """Unlearn ``forget`` from ``model`` while keeping ``retain`` (Eq. 4; Chapters 2, 4-6).
 
@@ -481,6 +533,10 @@ def unlearn(
     at step 0 and every ``eval_every`` steps (see :func:`world_evaluator`); without it
     only losses and routing are recorded and the last checkpoint is kept. The model is
     trained in place; the returned ``result.model`` holds the kept checkpoint.
+    ``keep_original=True`` copies what the scope trains to host memory before the first
+    step (one expert's rows and a router for UOE; every parameter for the full scope), so
+    that :meth:`UnlearnResult.restore` gives the model back and
+    :meth:`UnlearnResult.make_patch` stores the change.
     """
     config = config or UnlearnConfig()
     config.validate()
@@ -538,6 +594,9 @@ def unlearn(
         # every time: compute their output once per batch (checked exact on first use).
         n_items = len(run.forget_batches) + len(run.retain_batches)
         run.cache = LayerInputCache(lowest, max_items=max(1, n_items))
+    original = None
+    if keep_original and not isinstance(scope_result.selection, LoraSelection):
+        original = scope_result.selection.original_values("cpu")
     trainable = scope_result.parameters()
     master = config.master_weights if config.master_weights is not None else scope.kind != "full"
     opt = MasterWeights(trainable, lr=config.lr, weight_decay=config.weight_decay, enabled=master)
@@ -599,7 +658,7 @@ def unlearn(
             train_model.eval()
             history.append(run.measure(done, None, None, final=True))
         last = history[-1]
-        if evaluate is not None and "utility_accuracy" not in last.metrics and _takes_parts(evaluate):
+        if evaluate is not None and "utility_accuracy" not in last.metrics and takes_parts(evaluate):
             last.metrics.update(evaluate(train_model, parts=("utility",)))
         last.balance = _balance(last.metrics, base_metrics) if base_metrics else None
         if evaluate is None:
@@ -633,6 +692,7 @@ def unlearn(
         affinity=affinity,
         steps_run=steps_run,
         train_seconds=train_seconds,
+        original=original,
     )
 
 
