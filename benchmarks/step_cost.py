@@ -17,8 +17,8 @@ steps (zero_grad, forward, loss, backward, optimizer step):
 
 * forward only: one forward pass under ``torch.no_grad`` (no step);
 * GA, full model: every parameter trainable, loss ``-NLL(forget)``;
-* GA+UOE: one expert of layer L plus L's router (``uoe_nb.moe.make_trainable``: fused
-  expert tensors with masked gradients), full forward;
+* GA+UOE: one expert of layer L plus L's router (``uoe_nb.trainable.make_trainable``: the
+  expert's rows as parameters of their own, the fused expert tensors frozen), full forward;
 * GA+UOE, cached input: the same, with layer L's input computed once and layers L..
   run from it (``uoe_nb.fastpath.forward_from_layer``);
 * RMU as WMDP runs it: every expert of layers L-2..L trainable, full forward, loss
