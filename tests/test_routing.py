@@ -59,3 +59,21 @@ def test_batches_bad_input():
     model = random_model(tiny_config("mixtral"), seed=0)
     with pytest.raises(ValueError, match="no batches"):
         token_proportions(model, [])
+
+
+def test_batches_tokenize_as_the_evaluation_does_with_the_tokenizers_special_tokens():
+    """One rule for training, attribution and evaluation: a BOS-adding tokenizer gets its BOS."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    from uoe_nb.zoo import load_zoo_model
+
+    _, tok = load_zoo_model("tiny-qwen2moe")
+    tok = copy.deepcopy(tok)
+    bos = tok.convert_tokens_to_ids(tok.bos_token)
+    tok._tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    text = "the crystal glows"
+    batch = next(batches(tok, [text], batch_size=1))
+    assert batch["input_ids"][0].tolist() == tok(text)["input_ids"]
+    assert batch["input_ids"][0, 0].item() == bos

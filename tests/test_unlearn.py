@@ -121,14 +121,38 @@ def test_npo_reference_does_not_move(world, monkeypatch):
         ({"config": UnlearnConfig(method="nope")}, ValueError, "unknown method"),
         ({"config": UnlearnConfig(target=(9, 0))}, IndexError, "layer"),
         ({"config": UnlearnConfig(target=(1, 99))}, IndexError, "out of range"),
+        ({"forget": "one long forget document"}, TypeError, "forget set is one string"),
+        ({"retain": "one long retain document"}, TypeError, "retain set is one string"),
+        ({"forget": ["fine text here", 3]}, TypeError, "must hold strings"),
+        ({"forget": ["", "a"]}, ValueError, "fewer than two tokens"),
+        ({"config": UnlearnConfig(max_length=1)}, ValueError, "max_length must be an int >= 2"),
+        ({"config": UnlearnConfig(anchor_weight=-1.0)}, ValueError, "anchor_weight must be a finite number >= 0"),
+        ({"config": UnlearnConfig(retain_weight=-0.5)}, ValueError, "retain_weight"),
+        ({"config": UnlearnConfig(retain_router_weight=float("nan"))}, ValueError, "retain_router_weight"),
+        ({"config": UnlearnConfig(stop_forget_accuracy=1.5)}, ValueError, r"stop_forget_accuracy must be .* \[0, 1\]"),
+        ({"config": UnlearnConfig(stop_forget_accuracy=-0.1)}, ValueError, "stop_forget_accuracy"),
     ],
 )
 def test_bad_input(world, kwargs, error, match):
     model, tok = _fresh()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
     args = {"forget": world.forget_corpus[:8], "retain": world.retain_corpus[:8], "config": UnlearnConfig(steps=1)}
     args.update(kwargs)
     with pytest.raises(error, match=match):
         unlearn(model, args["forget"], args["retain"], args["config"], tokenizer=tok)
+    # a refused run leaves the model as it was: the same tensors (no trained rows), bitwise
+    assert list(model.state_dict()) == list(state)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_documents_too_short_to_learn_from_are_dropped_with_a_count(world, caplog):
+    import logging
+
+    model, tok = _fresh()
+    with caplog.at_level(logging.WARNING, logger="uoe_nb.unlearn"):
+        result = unlearn(model, ["", *world.forget_corpus[:4]], world.retain_corpus[:4], UnlearnConfig(steps=1),
+                         tokenizer=tok)  # fmt: skip
+    assert "dropped 1 of 5 forget documents" in caplog.text and result.steps_run == 1
 
 
 def test_moe_scope_on_dense_model_refused(world):
@@ -291,3 +315,37 @@ def test_a_worse_later_state_is_replaced_by_the_kept_checkpoint(world):
     assert result.best_step == 1
     for k, v in model.state_dict().items():
         assert torch.equal(v, seen[1][k]), k
+
+
+def test_rmu_with_uoe_anchors_the_router(world):
+    """The anchor (Eq. 3) acts in RMU+UOE too: anchor weights 0 and 1000 train different routers."""
+    routers = []
+    for alpha in (0.0, 1000.0):
+        model, tok = _fresh()
+        cfg = UnlearnConfig(method="rmu", scope="uoe", lr=1e-3, steps=3, anchor_weight=alpha, monitor_docs=4)
+        result = unlearn(model, world.forget_corpus[:8], world.retain_corpus[:8], cfg, tokenizer=tok)
+        layer = result.target[0]
+        lay = next(m for m in find_moe_layers(model) if m.layer_index == layer)
+        routers.append(lay.router.weight.detach().clone())
+    assert not torch.equal(routers[0], routers[1])
+
+
+def test_rmu_refuses_an_anchored_router_above_its_layer(world):
+    model, tok = _fresh()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = UnlearnConfig(method="rmu", scope="uoe", target=(2, 3), rmu_layer=1, steps=1)
+    with pytest.raises(ValueError, match="router of layer"):
+        unlearn(model, world.forget_corpus[:8], world.retain_corpus[:8], cfg, tokenizer=tok)
+    assert list(model.state_dict()) == list(state)  # the trained rows were dropped again
+
+
+def test_balance_counts_forgetting_only_down_to_chance():
+    from uoe_nb.unlearn import _balance
+
+    base = {"forget_accuracy": 0.9, "utility_accuracy": 0.8}
+    at_chance = _balance({"forget_accuracy": 0.25, "utility_accuracy": 0.8}, base, 0.25)
+    below = _balance({"forget_accuracy": 0.05, "utility_accuracy": 0.8}, base, 0.25)
+    assert at_chance == below == pytest.approx(0.65)
+    # so a checkpoint below chance with lower utility no longer wins over one at chance
+    worse = _balance({"forget_accuracy": 0.05, "utility_accuracy": 0.7}, base, 0.25)
+    assert worse < at_chance

@@ -21,7 +21,12 @@ __all__ = ["batches", "entropy", "token_proportions", "top_share"]
 def batches(
     tokenizer, texts: Sequence[str], *, batch_size: int = 16, max_length: int = 512, device=None
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Tokenizer outputs (``input_ids``, ``attention_mask``) for ``texts``, padded per batch."""
+    """Tokenizer outputs (``input_ids``, ``attention_mask``) for ``texts``, padded per batch.
+
+    One tokenization rule for training, attribution and evaluation: the tokenizer's own
+    special tokens are added (a BOS token for DeepSeek, Mixtral and Llama-style
+    tokenizers), as lm-eval's Hugging Face model does when it scores a prompt.
+    """
     if not texts:
         raise ValueError("no texts given")
     if batch_size < 1:
@@ -31,7 +36,7 @@ def batches(
     for start in range(0, len(texts), batch_size):
         chunk = list(texts[start : start + batch_size])
         enc = tokenizer(
-            chunk, return_tensors="pt", padding=True, truncation=True, max_length=max_length, add_special_tokens=False
+            chunk, return_tensors="pt", padding=True, truncation=True, max_length=max_length, add_special_tokens=True
         )
         out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
         if device is not None:

@@ -13,9 +13,11 @@ and the shift of token proportions (Fig. 6).
 Checkpoint choice. The paper keeps "the checkpoint with the best balance between
 unlearning efficacy and utility". We score an evaluated checkpoint by
 
-    balance = (FA_0 - FA) - max(0, UT_0 - UT)
+    balance = (FA_0 - max(FA, chance)) - max(0, UT_0 - UT)
 
-(forget-accuracy drop minus utility drop, with ``_0`` the original model), and keep the
+(forget-accuracy drop, counted only down to chance (``chance_accuracy``, 0.25 for 4-way
+multiple choice: a model below chance has not forgotten better, it answers against the
+truth), minus utility drop, with ``_0`` the original model), and keep the
 checkpoint with the highest balance; when ``stop_forget_accuracy`` is set, checkpoints
 that reached it are preferred over those that did not, and among them the one with
 the highest utility wins.
@@ -118,6 +120,7 @@ class UnlearnConfig:
     use_layer_cache: bool = True  # reuse the frozen layers' output below the trainable ones
     master_weights: bool | None = None  # fp32 master copies; None: on for every scope but "full"
     utility_eval: str = "always"  # "always", or "target": UT only where FA reached the target, and at the end
+    chance_accuracy: float = 0.25  # FA of guessing (4-way multiple choice): forgetting below it is not better
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -134,6 +137,16 @@ class UnlearnConfig:
             raise ValueError(f"utility_eval must be 'always' or 'target', got {self.utility_eval!r}")
         if self.utility_eval == "target" and self.stop_forget_accuracy is None:
             raise ValueError("utility_eval='target' needs stop_forget_accuracy (the target it waits for)")
+        if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 2:
+            raise ValueError(f"max_length must be an int >= 2 (one token predicts the next), got {self.max_length!r}")
+        for name in ("anchor_weight", "retain_weight", "retain_router_weight", "rmu_retain_weight"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        for name in ("stop_forget_accuracy", "chance_accuracy"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int | float) and 0.0 <= value <= 1.0):
+                raise ValueError(f"{name} must be an accuracy in [0, 1], got {value!r}")
 
 
 @dataclass
@@ -268,10 +281,26 @@ def takes_parts(evaluate: Callable) -> bool:
         return False
 
 
-def _balance(metrics: Mapping[str, float], base: Mapping[str, float]) -> float | None:
+def _usable(texts: list[str], tokenizer, what: str) -> list[str]:
+    """Documents with at least two tokens (one predicts the next); the rest are dropped with a
+    logged count, and a set left empty is refused."""
+    if not texts:
+        return texts
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
+    keep = [t for t, n in zip(texts, lengths, strict=True) if n >= 2]
+    if len(keep) < len(texts):
+        if not keep:
+            raise ValueError(f"every {what} document tokenizes to fewer than two tokens: nothing to learn from")
+        log.warning("dropped %d of %d %s documents shorter than two tokens", len(texts) - len(keep), len(texts), what)
+    return keep
+
+
+def _balance(metrics: Mapping[str, float], base: Mapping[str, float], chance: float = 0.0) -> float | None:
+    """Forget-accuracy drop (counted only down to chance: below it is not better forgetting)
+    minus utility drop."""
     if "forget_accuracy" not in metrics or "utility_accuracy" not in metrics:
         return None
-    forget_drop = base["forget_accuracy"] - metrics["forget_accuracy"]
+    forget_drop = base["forget_accuracy"] - max(metrics["forget_accuracy"], chance)
     utility_drop = max(0.0, base["utility_accuracy"] - metrics["utility_accuracy"])
     return forget_drop - utility_drop
 
@@ -397,6 +426,14 @@ class _Run:
                 return out.layer_hidden
         return hidden_after_layer(self.model, batch, layer_index)
 
+    def anchor_term(self, cap) -> torch.Tensor:
+        """alpha * Eq. 3 over every anchored router, from this step's forget forward."""
+        total = 0.0
+        for layer, expert in self.anchors:
+            rec = cap[layer][0]
+            total = total + objectives.anchor_loss(rec.scores, rec.mask, expert, reduction=self.cfg.anchor_reduction)
+        return self.cfg.anchor_weight * total
+
     def step_loss(self, step: int, *, references_only: bool = False) -> tuple[torch.Tensor, float] | None:
         cfg = self.cfg
         i = step % len(self.forget_batches)
@@ -430,17 +467,19 @@ class _Run:
         if references_only:
             return None
 
+        anchoring = capture_routing(self.model, layers=anchor_layers, detach=False) if anchor_on else _null()
         if cfg.method == "rmu":
-            h = self.hidden_at(fb, self.rmu_layer, fkey)
+            with anchoring as cap:
+                h = self.hidden_at(fb, self.rmu_layer, fkey)
             forget_term = objectives.rmu_forget_loss(h, self.control.to(h.dtype), fb["attention_mask"])
-            loss = forget_term
+            loss = forget_term + (self.anchor_term(cap) if anchor_on else 0.0)
             if uses_retain:
                 loss = loss + cfg.rmu_retain_weight * objectives.rmu_retain_loss(
                     self.hidden_at(rb, self.rmu_layer, rkey), frozen, rb["attention_mask"]
                 )
             forget_value = float(forget_term.detach())
         else:
-            with capture_routing(self.model, layers=anchor_layers, detach=False) if anchor_on else _null() as cap:
+            with anchoring as cap:
                 total, count = self.nll(fb, fkey)
             if cfg.method in ("ga", "graddiff"):
                 forget_term = objectives.ga_loss(total, count)
@@ -452,11 +491,7 @@ class _Run:
             loss = forget_term
             forget_value = float((total.sum() / count.sum()).detach())
             if anchor_on:
-                for layer, expert in self.anchors:
-                    rec = cap[layer][0]
-                    loss = loss + cfg.anchor_weight * objectives.anchor_loss(
-                        rec.scores, rec.mask, expert, reduction=cfg.anchor_reduction
-                    )
+                loss = loss + self.anchor_term(cap)
             if uses_retain:
                 if cfg.retain_loss == "nll":
                     r_total, r_count = self.nll(rb, rkey)
@@ -540,7 +575,16 @@ def unlearn(
     """
     config = config or UnlearnConfig()
     config.validate()
+    for name, texts in (("forget", forget), ("retain", retain)):
+        if isinstance(texts, str | bytes):
+            raise TypeError(f"the {name} set is one string: give a list of documents, e.g. [{name}_text]")
     forget, retain = list(forget), list(retain or [])
+    for name, texts in (("forget", forget), ("retain", retain)):
+        bad = [type(t).__name__ for t in texts if not isinstance(t, str)]
+        if bad:
+            raise TypeError(f"the {name} set must hold strings, found {sorted(set(bad))}")
+    forget = _usable(forget, tokenizer, "forget")
+    retain = _usable(retain, tokenizer, "retain") if retain else retain
     if not forget:
         raise ValueError("the forget set is empty: give at least one forget document")
     if config.method in ("graddiff",) and not retain:
@@ -568,52 +612,63 @@ def unlearn(
         target = affinity.target
     scope_result = apply_scope(model, scope, target=target, affinity=getattr(affinity, "scores", affinity),
                                seed=config.seed)  # fmt: skip
-    train_model = scope_result.model
-    run.model = train_model
-    run.scope = scope_result
-    run.anchors = _anchor_pairs(scope_result, target)
-    # The trained expert is the target when the scope names one expert in one layer
-    # (uoe with explicit arguments, random_expert); otherwise the attributed target.
-    if len(run.anchors) == 1:
-        target = run.anchors[0]
-    run.target = tuple(target) if target is not None else None
-    if config.method == "rmu":
-        layer = config.rmu_layer if config.rmu_layer is not None else (target[0] if target else None)
-        if layer is None:
-            raise ValueError("RMU needs a layer: set rmu_layer or use a scope with a target layer")
-        if not 0 <= layer < len(run.decoder_layers):
-            raise IndexError(f"rmu_layer {layer} is out of range (0..{len(run.decoder_layers) - 1})")
-        run.rmu_layer = layer
-        hidden = model.config.get_text_config().hidden_size
-        run.control = objectives.rmu_control_vector(hidden, config.rmu_coefficient, config.seed).to(device)
+    try:
+        train_model = scope_result.model
+        run.model = train_model
+        run.scope = scope_result
+        run.anchors = _anchor_pairs(scope_result, target)
+        # The trained expert is the target when the scope names one expert in one layer
+        # (uoe with explicit arguments, random_expert); otherwise the attributed target.
+        if len(run.anchors) == 1:
+            target = run.anchors[0]
+        run.target = tuple(target) if target is not None else None
+        if config.method == "rmu":
+            layer = config.rmu_layer if config.rmu_layer is not None else (target[0] if target else None)
+            if layer is None:
+                raise ValueError("RMU needs a layer: set rmu_layer or use a scope with a target layer")
+            if not 0 <= layer < len(run.decoder_layers):
+                raise IndexError(f"rmu_layer {layer} is out of range (0..{len(run.decoder_layers) - 1})")
+            run.rmu_layer = layer
+            above = [a for a, _ in run.anchors if a > layer]
+            if above and config.anchor_weight:
+                raise ValueError(
+                    f"RMU runs the model only up to layer {layer}, but the scope trains (and anchors) the router of "
+                    f"layer(s) {above} above it: set rmu_layer to the highest trained layer, or anchor_weight=0"
+                )
+            hidden = model.config.get_text_config().hidden_size
+            run.control = objectives.rmu_control_vector(hidden, config.rmu_coefficient, config.seed).to(device)
 
-    run.cache = None
-    lowest = _lowest_trainable_layer(scope_result)
-    if config.use_layer_cache and lowest is not None and lowest > 0:
-        # Frozen layers below the lowest trainable one give the same output for a batch
-        # every time: compute their output once per batch (checked exact on first use).
-        n_items = len(run.forget_batches) + len(run.retain_batches)
-        run.cache = LayerInputCache(lowest, max_items=max(1, n_items))
-    original = None
-    if keep_original and not isinstance(scope_result.selection, LoraSelection):
-        original = scope_result.selection.original_values("cpu")
-    trainable = scope_result.parameters()
-    master = config.master_weights if config.master_weights is not None else scope.kind != "full"
-    opt = MasterWeights(trainable, lr=config.lr, weight_decay=config.weight_decay, enabled=master)
+        run.cache = None
+        lowest = _lowest_trainable_layer(scope_result)
+        if config.use_layer_cache and lowest is not None and lowest > 0:
+            # Frozen layers below the lowest trainable one give the same output for a batch
+            # every time: compute their output once per batch (checked exact on first use).
+            n_items = len(run.forget_batches) + len(run.retain_batches)
+            run.cache = LayerInputCache(lowest, max_items=max(1, n_items))
+        original = None
+        if keep_original and not isinstance(scope_result.selection, LoraSelection):
+            original = scope_result.selection.original_values("cpu")
+        trainable = scope_result.parameters()
+        master = config.master_weights if config.master_weights is not None else scope.kind != "full"
+        opt = MasterWeights(trainable, lr=config.lr, weight_decay=config.weight_decay, enabled=master)
 
-    run.updated = False
-    if config.method == "npo" or config.method == "rmu" or config.retain_loss == "kl" or config.retain_router_weight:
-        run.precompute_references(config.steps)
-    if run.is_moe:
-        run.base_routing = {w: run.routing_snapshot(w) for w in ("forget", "retain") if run.monitor[w]}
-        run.base_props = {k: _proportions(v) for k, v in run.base_routing.get("forget", {}).items()}
-    history = [run.measure(0, None, None)]
-    base_metrics = history[0].metrics
-    history[0].balance = _balance(base_metrics, base_metrics) if base_metrics else None
-    best_step, best_key = 0, _key(history[0], config)
-    kept = _Checkpoint(opt) if evaluate is not None else None
-    if kept is not None:
-        kept.save(0)
+        run.updated = False
+        if config.method == "npo" or config.method == "rmu" or config.retain_loss == "kl" or config.retain_router_weight:
+            run.precompute_references(config.steps)
+        if run.is_moe:
+            run.base_routing = {w: run.routing_snapshot(w) for w in ("forget", "retain") if run.monitor[w]}
+            run.base_props = {k: _proportions(v) for k, v in run.base_routing.get("forget", {}).items()}
+        history = [run.measure(0, None, None)]
+        base_metrics = history[0].metrics
+        history[0].balance = _balance(base_metrics, base_metrics, config.chance_accuracy) if base_metrics else None
+        best_step, best_key = 0, _key(history[0], config)
+        kept = _Checkpoint(opt) if evaluate is not None else None
+        if kept is not None:
+            kept.save(0)
+    except BaseException:
+        if not isinstance(scope_result.selection, LoraSelection):
+            scope_result.remove()  # a refused setup leaves the model as it was
+        raise
     stopped = "step budget"
     steps_run, train_seconds, done = 0, 0.0, 0
     train_model.train()
@@ -642,7 +697,7 @@ def unlearn(
                 train_model.eval()
                 rec = run.measure(done, forget_value, float(loss.detach()), final=done == config.steps)
                 train_model.train()
-                rec.balance = _balance(rec.metrics, base_metrics) if base_metrics else None
+                rec.balance = _balance(rec.metrics, base_metrics, config.chance_accuracy) if base_metrics else None
                 history.append(rec)
                 key = _key(rec, config)
                 if key > best_key or evaluate is None:
@@ -660,7 +715,7 @@ def unlearn(
         last = history[-1]
         if evaluate is not None and "utility_accuracy" not in last.metrics and takes_parts(evaluate):
             last.metrics.update(evaluate(train_model, parts=("utility",)))
-        last.balance = _balance(last.metrics, base_metrics) if base_metrics else None
+        last.balance = _balance(last.metrics, base_metrics, config.chance_accuracy) if base_metrics else None
         if evaluate is None:
             best_step = done  # nothing to choose by: the run ends in its last state
         elif _key(last, config) > best_key:
