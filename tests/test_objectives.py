@@ -148,27 +148,54 @@ def test_npo_per_token():
 
 
 def test_simnpo_matches_formula():
-    mean_nll = torch.tensor([1.5, 3.0, 0.2], requires_grad=True)
+    total = torch.tensor([3.0, 12.0, 0.4], requires_grad=True)
+    count = torch.tensor([2.0, 4.0, 2.0])  # mean NLL 1.5, 3.0, 0.2
     for beta, delta in ((4.5, 0.0), (2.0, 1.0)):
-        got = obj.simnpo_loss(mean_nll, beta, delta)
+        got = obj.simnpo_loss(total, count, beta, delta)
         expected = -(2 / beta) * sum(_logsig(beta * (x - delta)) for x in (1.5, 3.0, 0.2)) / 3
         assert got.item() == pytest.approx(expected, rel=1e-6)
     got.backward()
-    assert (mean_nll.grad < 0).all()
-    assert obj.simnpo_loss(torch.tensor([1.0])).item() == pytest.approx(-(2 / 4.5) * _logsig(4.5), rel=1e-6)
+    assert (total.grad < 0).all()
+    one = obj.simnpo_loss(torch.tensor([2.0]), torch.tensor([2.0]))
+    assert one.item() == pytest.approx(-(2 / 4.5) * _logsig(4.5), rel=1e-6)
+    # a sequence of one token predicts nothing: refused instead of an infinite loss
+    with pytest.raises(ValueError, match="at least one predicted token"):
+        obj.simnpo_loss(torch.tensor([0.0, 1.0]), torch.tensor([0.0, 1.0]))
+
+
+def test_top_k_kl_is_exact_on_the_partition_and_below_the_full_kl():
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(2, 5, 50, generator=g) * 3
+    cur = (ref + torch.randn(2, 5, 50, generator=g)).requires_grad_(True)
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[1, 3:] = 0
+    full = obj.retain_kl_loss(cur, ref, mask)
+    top = obj.reference_top_k(ref, mask, 8)
+    assert top[0].shape == (8, 8) and top[1].shape == (8, 8)  # 8 real tokens, k = 8
+    approx = obj.retain_kl_top_k_loss(cur, top, mask)
+    assert 0 < approx.item() <= full.item() + 1e-6
+    # with k = vocab - 1 the rest bucket is one token: the KL is exact
+    exact = obj.retain_kl_top_k_loss(cur, obj.reference_top_k(ref, mask, 49), mask)
+    assert exact.item() == pytest.approx(full.item(), rel=1e-4)
+    # identical distributions: zero; and it has gradients for the current logits
+    assert obj.retain_kl_top_k_loss(ref, top, mask).item() == pytest.approx(0.0, abs=1e-5)
+    approx.backward()
+    assert cur.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="k must be an int"):
+        obj.reference_top_k(ref, mask, 50)
 
 
 def test_npo_bad_input():
     with pytest.raises(ValueError, match="beta"):
         obj.npo_loss(torch.ones(2), torch.ones(2), 0.0)
     with pytest.raises(ValueError, match="beta"):
-        obj.simnpo_loss(torch.ones(2), -1.0)
+        obj.simnpo_loss(torch.ones(2), torch.ones(2), -1.0)
     with pytest.raises(ValueError, match="same shape"):
         obj.npo_loss(torch.ones(2), torch.ones(3), 1.0)
     with pytest.raises(ValueError, match="1-D"):
         obj.npo_loss(torch.ones(2, 2), torch.ones(2, 2), 1.0)
     with pytest.raises(ValueError, match="1-D"):
-        obj.simnpo_loss(torch.ones(0))
+        obj.simnpo_loss(torch.ones(0), torch.ones(0))
 
 
 # ---------------------------------------------------------------------------------------

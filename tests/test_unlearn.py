@@ -349,3 +349,57 @@ def test_balance_counts_forgetting_only_down_to_chance():
     # so a checkpoint below chance with lower utility no longer wins over one at chance
     worse = _balance({"forget_accuracy": 0.05, "utility_accuracy": 0.7}, base, 0.25)
     assert worse < at_chance
+
+
+def test_simnpo_has_a_retain_term_and_top_k_kl_runs(world, monkeypatch):
+    from uoe_nb import objectives
+
+    seen = []
+    real = objectives.retain_nll_loss
+    monkeypatch.setattr(objectives, "retain_nll_loss", lambda *a: seen.append(1) or real(*a))
+    _run(world, "simnpo", "uoe", steps=2, lr=1e-3, evaluate=False)
+    assert len(seen) == 2  # one retain term per step, as in open-unlearning's SimNPO
+    result, _, _ = _run(world, "graddiff", "uoe", steps=2, lr=1e-3, evaluate=False, retain_loss="kl", kl_top_k=16)
+    assert result.steps_run == 2 and math.isfinite(result.history[-1].loss)
+
+
+def test_full_vocabulary_kl_cache_beyond_the_limit_is_refused(world, monkeypatch):
+    from uoe_nb import unlearn as U
+
+    monkeypatch.setattr(U, "_KL_CACHE_LIMIT", 1024)
+    model, tok = _fresh()
+    cfg = UnlearnConfig(method="graddiff", retain_loss="kl", steps=2)
+    with pytest.raises(ValueError, match="set kl_top_k"):
+        unlearn(model, world.forget_corpus[:8], world.retain_corpus[:8], cfg, tokenizer=tok)
+
+
+def test_stochastic_routing_switches_the_layer_cache_off(world, caplog):
+    import logging
+
+    model, tok = _fresh()
+    model.config.router_jitter_noise = 0.01  # as PhiMoE trains
+    with caplog.at_level(logging.WARNING, logger="uoe_nb.unlearn"):
+        unlearn(model, world.forget_corpus[:8], world.retain_corpus[:8], UnlearnConfig(steps=1), tokenizer=tok)
+    assert "routes stochastically in training (router_jitter_noise=0.01)" in caplog.text
+
+
+def test_frozen_references_are_computed_in_eval_mode(world, monkeypatch):
+    """With dropout on in training, NPO's reference must still be the deterministic original."""
+    from uoe_nb import objectives
+    from uoe_nb.routing import batches
+
+    seen = []
+    real = objectives.npo_loss
+    monkeypatch.setattr(objectives, "npo_loss", lambda cur, ref, *a, **k: seen.append(ref.clone()) or real(cur, ref, *a, **k))
+    model, tok = _fresh()
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.5  # random in train mode only
+    forget = world.forget_corpus[:4]
+    cfg = UnlearnConfig(method="npo", steps=1, batch_size=4, lr=1e-3, monitor_docs=4, use_layer_cache=False)
+    # the batch the run sees first, scored by the original model in eval mode
+    order = torch.randperm(len(forget), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    batch = next(batches(tok, [forget[i] for i in order], batch_size=4, max_length=cfg.max_length))
+    with torch.no_grad():
+        expected, _ = objectives.per_sequence_nll(model.eval()(**batch).logits, batch["input_ids"], batch["attention_mask"])
+    unlearn(model, forget, world.retain_corpus[:4], cfg, tokenizer=tok)
+    torch.testing.assert_close(seen[0], expected)

@@ -26,7 +26,9 @@ __all__ = [
     "ga_loss",
     "npo_loss",
     "per_sequence_nll",
+    "reference_top_k",
     "retain_kl_loss",
+    "retain_kl_top_k_loss",
     "retain_nll_loss",
     "retain_router_loss",
     "rmu_control_vector",
@@ -170,6 +172,49 @@ def retain_kl_loss(logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.T
     return (log_ref.exp() * (log_ref - log_p)).sum(dim=-1).mean()
 
 
+def reference_top_k(ref_logits: torch.Tensor, mask: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` most likely next tokens of the frozen reference at each real position:
+    ``(log_probs[n, k], indices[n, k])`` over the ``n`` real tokens (for :func:`retain_kl_top_k_loss`).
+    A few hundred kilobytes per batch where the full logits take ``vocab`` floats per token."""
+    what = "reference_top_k"
+    if ref_logits.dim() != 3:
+        raise ValueError(f"{what}: ref_logits must be [batch, seq, vocab], got {tuple(ref_logits.shape)}")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < ref_logits.shape[-1]:
+        raise ValueError(f"{what}: k must be an int in [1, vocab), got {k!r}")
+    keep = _real_tokens(mask, tuple(ref_logits.shape[:2]), what).to(ref_logits.device)
+    log_ref = F.log_softmax(ref_logits.detach()[keep].float(), dim=-1)
+    values, indices = log_ref.topk(k, dim=-1)
+    return values, indices
+
+
+def retain_kl_top_k_loss(
+    logits: torch.Tensor, ref_top: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor
+) -> torch.Tensor:
+    """GradDiff's KL retain term over the reference's top-k tokens plus one bucket for the rest.
+
+    ``KL(ref || current)`` between the two next-token distributions coarse-grained to the
+    reference's ``k`` likeliest tokens and "any other token": exact for that partition and,
+    by the data-processing inequality, never above the full-vocabulary KL; it needs only
+    the reference's top-k (:func:`reference_top_k`) instead of its full logits.
+    """
+    what = "retain_kl_top_k_loss"
+    if logits.dim() != 3:
+        raise ValueError(f"{what}: logits must be [batch, seq, vocab], got {tuple(logits.shape)}")
+    keep = _real_tokens(mask, tuple(logits.shape[:2]), what).to(logits.device)
+    ref_logp, index = (t.to(logits.device) for t in ref_top)
+    log_p = F.log_softmax(logits[keep].float(), dim=-1)
+    if ref_logp.shape != index.shape or ref_logp.shape[0] != log_p.shape[0]:
+        raise ValueError(f"{what}: the reference holds {ref_logp.shape[0]} tokens, the batch {log_p.shape[0]}")
+    cur_logp = log_p.gather(-1, index)
+
+    def with_rest(lp: torch.Tensor) -> torch.Tensor:
+        rest = torch.log1p(-lp.exp().sum(-1).clamp(max=1 - 1e-6))
+        return torch.cat([lp, rest.unsqueeze(-1)], dim=-1)
+
+    ref_all, cur_all = with_rest(ref_logp), with_rest(cur_logp)
+    return (ref_all.exp() * (ref_all - cur_all)).sum(dim=-1).mean()
+
+
 def npo_loss(
     nll_cur: torch.Tensor,
     nll_ref: torch.Tensor,
@@ -206,18 +251,25 @@ def npo_loss(
     return -(2.0 / beta) * F.logsigmoid(beta * (nll_cur - nll_ref)).mean()
 
 
-def simnpo_loss(nll_mean: torch.Tensor, beta: float = 4.5, delta: float = 0.0) -> torch.Tensor:
-    """SimNPO (Fan et al. 2024; Chapter 2), reference-free NPO on length-normalised NLL:
+def simnpo_loss(
+    nll_sum: torch.Tensor, n_tokens: torch.Tensor, beta: float = 4.5, delta: float = 0.0
+) -> torch.Tensor:
+    """SimNPO's forget term (Fan et al. 2024; Chapter 2), reference-free NPO on length-normalised NLL:
 
         -(2 / beta) * mean_j log sigmoid( beta * (NLL_cur(x_j) / |x_j| - delta) )
 
-    ``nll_mean`` is the per-sequence mean NLL ``NLL_cur(x_j) / |x_j|``. Minimising it
-    raises the forget NLL; ``delta`` is a margin inside the ``beta`` scaling.
+    ``nll_sum`` and ``n_tokens`` are per-sequence summed NLL and predicted-token counts
+    (:func:`per_sequence_nll`). Minimising it raises the forget NLL; ``delta`` is a margin
+    inside the ``beta`` scaling. The retain term (open-unlearning's SimNPO adds one) is the
+    GradDiff retain loss, added by the training loop with ``retain_weight``.
     """
     what = "simnpo_loss"
     _positive(beta, what, "beta")
-    _vector(nll_mean, what, "nll_mean")
-    return -(2.0 / beta) * F.logsigmoid(beta * (nll_mean - delta)).mean()
+    _vector(nll_sum, what, "nll_sum")
+    _same_shape(nll_sum, n_tokens, what, "nll_sum and n_tokens")
+    if not bool((n_tokens > 0).all()):
+        raise ValueError(f"{what}: every sequence needs at least one predicted token (two tokens in all)")
+    return -(2.0 / beta) * F.logsigmoid(beta * (nll_sum / n_tokens - delta)).mean()
 
 
 # --------------------------------------------------------------------------------------

@@ -100,7 +100,8 @@ class UnlearnConfig:
     anchor_weight: float = 1.0
     anchor_reduction: str = "sum"
     retain_weight: float = 1.0
-    retain_loss: str = "nll"  # "nll" or "kl" (GradDiff / NPO retain term)
+    retain_loss: str = "nll"  # "nll" or "kl" (GradDiff / NPO / SimNPO retain term)
+    kl_top_k: int | None = None  # "kl": keep the reference's top-k tokens only (None: full vocabulary)
     retain_router_weight: float = 0.0  # our extension, off as in the paper
     npo_beta: float = 0.1
     npo_per_token: bool = True
@@ -143,6 +144,9 @@ class UnlearnConfig:
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.kl_top_k is not None and (isinstance(self.kl_top_k, bool) or not isinstance(self.kl_top_k, int)
+                                          or self.kl_top_k < 1):  # fmt: skip
+            raise ValueError(f"kl_top_k must be a positive int or None, got {self.kl_top_k!r}")
         for name in ("stop_forget_accuracy", "chance_accuracy"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, int | float) and 0.0 <= value <= 1.0):
@@ -279,6 +283,17 @@ def takes_parts(evaluate: Callable) -> bool:
         return "parts" in inspect.signature(evaluate).parameters
     except (TypeError, ValueError):
         return False
+
+
+_KL_CACHE_LIMIT = 2 * 2**30  # bytes of full-vocabulary KL references a run may keep in host memory
+_JITTER = ("router_jitter_noise", "input_jitter_noise", "moe_jitter_eps")
+
+
+def _stochastic_routing(model: nn.Module) -> str:
+    """The config settings that make routing random in training mode (e.g. PhiMoE's jitter), or ''."""
+    config = model.config.get_text_config() if hasattr(model, "config") else None
+    found = [f"{k}={getattr(config, k)}" for k in _JITTER if (getattr(config, k, 0) or 0) > 0]
+    return ", ".join(found)
 
 
 def _usable(texts: list[str], tokenizer, what: str) -> list[str]:
@@ -445,7 +460,7 @@ class _Run:
         anchor_layers = [layer for layer, _ in self.anchors]
         anchor_on = bool(self.anchors) and cfg.anchor_weight != 0
         uses_retain = rb is not None and (
-            cfg.method == "rmu" or (cfg.method in ("graddiff", "npo") and cfg.retain_weight != 0)
+            cfg.method == "rmu" or (cfg.method in ("graddiff", "npo", "simnpo") and cfg.retain_weight != 0)
         )
         router_term = bool(cfg.retain_router_weight) and rb is not None and self.target is not None
 
@@ -455,7 +470,14 @@ class _Run:
         if uses_retain and cfg.method == "rmu":
             frozen = self.reference(("rmu", j), lambda: self.hidden_at(rb, self.rmu_layer, rkey), offload=True)
         if uses_retain and cfg.method != "rmu" and cfg.retain_loss == "kl":
-            ref_logits = self.reference(("kl", j), lambda: self.logits(rb, rkey), offload=True)
+            if cfg.kl_top_k:
+                ref_logits = self.reference(
+                    ("kl", j),
+                    lambda: objectives.reference_top_k(self.logits(rb, rkey), rb["attention_mask"], cfg.kl_top_k),
+                    offload=True,
+                )
+            else:
+                ref_logits = self.reference(("kl", j), lambda: self.logits(rb, rkey), offload=True)
         if router_term:
 
             def scores_on_retain():
@@ -487,7 +509,7 @@ class _Run:
                 forget_term = objectives.npo_loss(total, ref_total, cfg.npo_beta, per_token=cfg.npo_per_token,
                                                   n_tokens=count)  # fmt: skip
             else:  # simnpo
-                forget_term = objectives.simnpo_loss(total / count, cfg.simnpo_beta, cfg.simnpo_delta)
+                forget_term = objectives.simnpo_loss(total, count, cfg.simnpo_beta, cfg.simnpo_delta)
             loss = forget_term
             forget_value = float((total.sum() / count.sum()).detach())
             if anchor_on:
@@ -496,6 +518,8 @@ class _Run:
                 if cfg.retain_loss == "nll":
                     r_total, r_count = self.nll(rb, rkey)
                     retain_term = objectives.retain_nll_loss(r_total, r_count)
+                elif cfg.kl_top_k:
+                    retain_term = objectives.retain_kl_top_k_loss(self.logits(rb, rkey), ref_logits, rb["attention_mask"])
                 else:
                     retain_term = objectives.retain_kl_loss(self.logits(rb, rkey), ref_logits, rb["attention_mask"])
                 loss = loss + cfg.retain_weight * retain_term
@@ -592,6 +616,15 @@ def unlearn(
     torch.manual_seed(config.seed)
     device = next(model.parameters()).device
     run = _Run(model, tokenizer, forget, retain, config, evaluate, device)
+    if config.retain_loss == "kl" and config.kl_top_k is None and config.method in ("graddiff", "npo", "simnpo"):
+        vocab = model.config.get_text_config().vocab_size
+        tokens = sum(int(b["attention_mask"].numel()) for b in run.retain_batches[: config.steps])
+        if tokens * vocab * 4 > _KL_CACHE_LIMIT:
+            raise ValueError(
+                f"the KL retain term would keep {tokens * vocab * 4 / 2**30:.1f} GiB of full-vocabulary reference "
+                f"logits ({tokens} tokens x {vocab} tokens of vocabulary): set kl_top_k (e.g. 64) to keep the "
+                "reference's top-k tokens only"
+            )
     run.decoder_layers = _decoder_layers(model)
 
     scope = config.scope if isinstance(config.scope, Scope) else Scope.from_name(config.scope)
@@ -640,7 +673,11 @@ def unlearn(
 
         run.cache = None
         lowest = _lowest_trainable_layer(scope_result)
-        if config.use_layer_cache and lowest is not None and lowest > 0:
+        stochastic = _stochastic_routing(model)
+        if config.use_layer_cache and stochastic:
+            log.warning("%s routes stochastically in training (%s): the layer cache is off", type(model).__name__,
+                        stochastic)  # fmt: skip
+        if config.use_layer_cache and not stochastic and lowest is not None and lowest > 0:
             # Frozen layers below the lowest trainable one give the same output for a batch
             # every time: compute their output once per batch (checked exact on first use).
             n_items = len(run.forget_batches) + len(run.retain_batches)
