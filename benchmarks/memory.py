@@ -224,6 +224,10 @@ def measure_scope(args: argparse.Namespace, scope: str, layers: int) -> dict[str
     n_retain = n_docs if args.retain_docs is None else args.retain_docs
     retain = random_documents(n_retain, args.seq, text.vocab_size, pad_id, seed=2) if n_retain else []
     tokenizer = word_tokenizer(text.vocab_size, pad_id)
+    for special in (False, True):  # the loop may or may not add special tokens: none exist here
+        got = len(tokenizer(forget[0], add_special_tokens=special)["input_ids"])
+        if got != args.seq:
+            raise RuntimeError(f"a document tokenized to {got} tokens instead of {args.seq}")
     settings: dict[str, Any] = dict(method="ga", scope=scope, steps=args.steps, batch_size=args.batch,
                                     max_length=args.seq, seed=0)  # fmt: skip
     if scope == "uoe":
