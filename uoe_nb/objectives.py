@@ -20,6 +20,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "anchor_loss",
@@ -98,11 +99,21 @@ def per_sequence_nll(
     if input_ids.shape[1] < 2:
         raise ValueError(f"{what}: sequences need at least two tokens to predict one, got length {input_ids.shape[1]}")
     counted = keep[:, 1:] & keep[:, :-1]
-    nll = F.cross_entropy(
-        logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:].to(logits.device), reduction="none"
-    )
+    targets = input_ids[:, 1:].to(logits.device)
+    if torch.is_grad_enabled() and logits.requires_grad:
+        # One sequence at a time, recomputed in the backward pass: the float32 log-softmax of
+        # the whole batch (4 x 128 x 50k floats: 0.1 GiB, twice with its gradient) is never held.
+        nll = torch.stack(
+            [checkpoint(_row_nll, logits[b, :-1], targets[b], use_reentrant=False) for b in range(logits.shape[0])]
+        )
+    else:
+        nll = torch.stack([_row_nll(logits[b, :-1], targets[b]) for b in range(logits.shape[0])])
     nll = nll.masked_fill(~counted.to(nll.device), 0.0)
     return nll.sum(dim=1), counted.sum(dim=1).to(nll.device, torch.float32)
+
+
+def _row_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), targets, reduction="none")
 
 
 def sequence_nll(

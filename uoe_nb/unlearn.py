@@ -57,7 +57,7 @@ from torch import nn
 from . import objectives
 from .attribution import expert_affinity
 from .evaluation import PARTS, world_evaluator
-from .fastpath import LayerInputCache, forward_from_layer, hidden_after_layer
+from .fastpath import LayerInputCache, forward_from_layer, hidden_after_layer, stop_after_layer
 from .moe import capture_routing, find_moe_layers
 from .progress import progress
 from .routing import batches as make_batches
@@ -343,11 +343,12 @@ class _Run:
 
         self.forget_batches = batched(list(forget))
         self.retain_batches = batched(list(retain)) if retain else []
-        k = config.monitor_docs
+        # Monitoring and attribution forward no more tokens at once than a training step does.
+        k, b = config.monitor_docs, config.batch_size
         self.monitor = {
-            "forget": list(make_batches(tokenizer, list(forget)[:k], batch_size=16, max_length=config.max_length,
+            "forget": list(make_batches(tokenizer, list(forget)[:k], batch_size=b, max_length=config.max_length,
                                         device=device)),  # fmt: skip
-            "retain": list(make_batches(tokenizer, list(retain)[:k], batch_size=16, max_length=config.max_length,
+            "retain": list(make_batches(tokenizer, list(retain)[:k], batch_size=b, max_length=config.max_length,
                                         device=device)) if retain else [],  # fmt: skip
         }
         self.ref_cache: dict[tuple[str, int], Any] = {}
@@ -384,8 +385,10 @@ class _Run:
         out: dict[int, list[torch.Tensor]] = {}
         was = self.model.training
         self.model.eval()
+        last = max(lay.layer_index for lay in find_moe_layers(self.model))
         for batch in self.monitor[which]:
-            with capture_routing(self.model) as cap:
+            # Routing is all it needs: stop after the last MoE layer (no LM head, no logits).
+            with capture_routing(self.model) as cap, stop_after_layer(self.model, last):
                 self.model(**batch)
             for layer, recs in cap.records.items():
                 out.setdefault(layer, []).append(recs[0].selected())
@@ -639,7 +642,8 @@ def unlearn(
         # Expert attribution (Eq. 2) on the forget set, as in the paper's Algorithm 1.
         docs = forget[: config.attribution_docs]
         affinity = expert_affinity(
-            model, make_batches(tokenizer, docs, batch_size=16, max_length=config.max_length, device=device)
+            model, make_batches(tokenizer, docs, batch_size=config.batch_size, max_length=config.max_length,
+                                device=device)  # fmt: skip
         )
     if target is None and affinity is not None and hasattr(affinity, "target"):
         target = affinity.target
