@@ -479,14 +479,36 @@ def test_world_evaluator_matches_multiple_choice_accuracy():
         ("Paris France", "it is Paris", 0.5),
         ("Paris France", "", 0.0),
         ("Paris France", "   ", 0.0),
-        ("Paris", "PARIS!", 1.0),
-        ("New York City", "city york new", 1 / 3),
-        ("the Eiffel Tower in Paris", "Paris has the tower", 0.4),
+        ("Paris", "PARIS", 0.0),  # RWKU's scorer keeps case
+        ("1961", "born in 1961, in Hawaii", 0.0),  # and punctuation attached to a word
+        ("Paris", "It is Paris.", 1.0),  # full stops end sentences
+        ("New York City", "City York New", 1 / 3),
+        ("the Eiffel Tower in Paris", "Paris has the tower", 0.2),
+        ("New York City", "In New York. City hall", 1.0),  # summary level: LCS over sentences
         ("blue", "red", 0.0),
+        ("blue", "...", 0.0),
     ],
 )
 def test_rouge_l_recall(answer, generation, expected):
+    """Values worked out by hand from RWKU's rule (the rouge package's ROUGE-L recall)."""
     assert ev.rouge_l_recall(answer, generation) == pytest.approx(expected)
+
+
+def test_probes_of_a_chat_checkpoint_go_through_its_chat_template():
+    import copy
+
+    from uoe_nb.zoo import load_zoo_model
+
+    _, tok = load_zoo_model("tiny-qwen2moe")
+    probe = {"query": "Who founded ___?", "answer": "x", "subject": "s", "level": 2}
+    assert ev.probe_prompt(probe, tok) == ev.probe_prompt(probe)  # the zoo has no template
+    chat = copy.deepcopy(tok)
+    chat.chat_template = (
+        "{% for m in messages %}<|user|>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<|bot|>{% endif %}"
+    )
+    assert ev.probe_prompt(probe, chat) == (
+        "<|user|>Please briefly answer the following question.\nQuestion: Who founded ___?<|bot|>Answer:"
+    )
 
 
 def test_probe_prompts_are_rwku_s():

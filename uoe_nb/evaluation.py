@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 import yaml
-from rouge_score import rouge_scorer
+from rouge import Rouge
 from tqdm.auto import tqdm
 
 from uoe_nb.progress import progress_enabled
@@ -49,6 +49,7 @@ __all__ = [
     "MC_PROMPT",
     "PARTS",
     "PROBE_PROMPTS",
+    "has_chat_template",
     "Evaluator",
     "MCResult",
     "ProbeResult",
@@ -597,31 +598,54 @@ def _check_probes(probes: Sequence[Mapping[str, Any]]) -> None:
             raise ValueError(f"probe {i}: field 'level' must be 1, 2 or 3, got {probe['level']!r}")
 
 
-def probe_prompt(probe: Mapping[str, Any]) -> str:
-    """RWKU's prompt for a probe: fill in the blank (level 1) or answer briefly (levels 2, 3)."""
+def has_chat_template(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` carries a chat template (chat checkpoints do; the tiny zoo does not)."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def probe_prompt(probe: Mapping[str, Any], tokenizer: Any = None) -> str:
+    """RWKU's prompt for a probe: fill in the blank (level 1) or answer briefly (levels 2, 3).
+
+    With a ``tokenizer`` that has a chat template, the instruction and question are the user's
+    turn of that template (with the generation prompt) and ``Answer:`` follows, as RWKU's own
+    evaluation asks chat models; otherwise the plain prompt ends in ``Answer:``.
+    """
     _check_probes([probe])
-    return PROBE_PROMPTS[probe["level"]].format(query=probe["query"])
+    text = PROBE_PROMPTS[probe["level"]].format(query=probe["query"])
+    if tokenizer is None or not has_chat_template(tokenizer):
+        return text
+    instruction = text.removesuffix("Answer:").rstrip("\n")
+    turn = tokenizer.apply_chat_template(
+        [{"role": "user", "content": instruction}], tokenize=False, add_generation_prompt=True
+    )
+    return turn + "Answer:"
 
 
-_SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+_ROUGE = Rouge(metrics=["rouge-l"])
 
 
 def rouge_l_recall(answer: str, generation: str) -> float:
     """ROUGE-L recall of the reference ``answer`` in ``generation`` (RWKU's metric, Section 5).
 
-    The length of the longest common subsequence of words over the answer's length in words
-    (``rouge_score``'s tokenizer: lower case, letters and digits). An empty generation scores 0.
+    Scored as RWKU scores it, with the ``rouge`` package: words split on white space with
+    case and punctuation kept, sentences split at full stops, summary-level longest common
+    subsequence over the answer's length in words. An empty generation scores 0.
     """
-    if not generation.strip():
+    if not generation.strip() or not answer.strip():
         return 0.0
-    return float(_SCORER.score(answer, generation)["rougeL"].recall)
+    try:
+        return float(_ROUGE.get_scores(generation, answer)[0]["rouge-l"]["r"])
+    except ValueError:  # a generation of full stops only: no sentence to score
+        return 0.0
 
 
 @torch.no_grad()
-def _generate(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int) -> list[str]:
+def _generate(
+    model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, add_special_tokens: bool = True
+) -> list[str]:
     """Greedy continuations of a left-padded batch, decoded and cut at the first newline."""
     device = _model_device(model)
-    encoded = tokenizer(prompts, return_tensors="pt", padding=True)
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
     # only these two: some tokenizers also return token_type_ids, which causal LMs reject
     batch = {key: encoded[key].to(device) for key in ("input_ids", "attention_mask")}
     eos = [tokenizer.eos_token_id]
@@ -653,6 +677,7 @@ def greedy_generate(
     max_new_tokens: int = 30,
     batch_size: int = 16,
     progress: bool | None = None,
+    add_special_tokens: bool = True,
 ) -> list[str]:
     """Greedy continuations of ``prompts``, each cut at its first newline (Chapters 1, 7).
 
@@ -679,7 +704,7 @@ def greedy_generate(
             starts = range(0, len(prompts), batch_size)
             for start in tqdm(starts, desc="generate", disable=not _progress_enabled(progress)):
                 generations += _generate(
-                    model, tokenizer, prompts[start : start + batch_size], max_new_tokens
+                    model, tokenizer, prompts[start : start + batch_size], max_new_tokens, add_special_tokens
                 )
     finally:
         tokenizer.padding_side = old_side
@@ -700,16 +725,18 @@ def probe_rouge_recall(
     """Score RWKU-style probes by ROUGE-L recall of greedy answers (Section 5, Chapter 2).
 
     Each probe ``{"query", "answer", "subject", "level"}`` is asked with RWKU's prompt
-    (:func:`probe_prompt`); the model continues greedily for up to ``max_new_tokens``
+    (:func:`probe_prompt`, inside the chat template for a chat checkpoint); the model
+    continues greedily for up to ``max_new_tokens``
     tokens, the continuation is cut at its first newline and scored with
     :func:`rouge_l_recall`. Batches are left-padded; a tokenizer without a pad token pads
     with its end-of-sequence token. The tokenizer's padding settings and the model's
     train/eval mode are restored afterwards.
     """
     _check_probes(probes)
+    chat = has_chat_template(tokenizer)  # the template writes its own BOS: add none when tokenizing
     generations = greedy_generate(
-        model, tokenizer, [probe_prompt(p) for p in probes], max_new_tokens=max_new_tokens,
-        batch_size=batch_size, progress=progress,
+        model, tokenizer, [probe_prompt(p, tokenizer) for p in probes], max_new_tokens=max_new_tokens,
+        batch_size=batch_size, progress=progress, add_special_tokens=not chat,
     )  # fmt: skip
     scores = [rouge_l_recall(p["answer"], g) for p, g in zip(probes, generations, strict=True)]
     by_level: dict[int, list[float]] = {}
