@@ -139,13 +139,21 @@ def test_proportions_agree_with_routing_module_and_mode_restored(qwen):
         torch.testing.assert_close(aff.proportions[layer], p)
 
 
-def test_renormalising_family_uses_applied_weights():
-    # Mixtral renormalises the top-K scores: the applied weights of a token sum to 1,
-    # so the affinities of a layer sum to exactly 1 (they would not with raw scores).
+def test_renormalising_family_uses_raw_scores_by_default_and_applied_weights_on_request():
+    # Mixtral renormalises the top-K scores: its applied weights of a token sum to 1, so with
+    # gate="applied" a layer's affinities sum to exactly 1; the paper's g (the raw softmax score
+    # of each selected expert) sums to less, and matches the hand computation from the router.
     model = random_model(tiny_config("mixtral", experts=E, top_k=K), seed=0)
-    aff = expert_affinity(model, _padded_batches(_sequences()))
-    for layer in aff.layers:
-        assert float(aff.scores[layer].sum()) == pytest.approx(1.0, abs=1e-5)
+    batches = _padded_batches(_sequences())
+    raw = expert_affinity(model, batches)
+    applied = expert_affinity(model, batches, gate="applied")
+    by_hand, _, _ = _hand_affinity(model, batches)
+    for layer in raw.layers:
+        assert float(applied.scores[layer].sum()) == pytest.approx(1.0, abs=1e-5)
+        assert float(raw.scores[layer].sum()) < 1.0 - 1e-3
+        torch.testing.assert_close(raw.scores[layer].double(), by_hand[layer], atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="gate must be"):
+        expert_affinity(model, batches, gate="weights")
 
 
 def test_dense_first_layer_is_absent():

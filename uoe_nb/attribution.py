@@ -154,20 +154,29 @@ def _model_inputs(batch: Mapping[str, torch.Tensor], device: torch.device) -> di
 
 @torch.no_grad()
 def expert_affinity(
-    model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], *, progress_desc: str = "attribution"
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    *,
+    gate: str = "scores",
+    progress_desc: str = "attribution",
 ) -> Affinity:
     """Expert affinity of every MoE layer on ``batches`` (Eq. 2, Chapter 3).
 
     ``batches`` yields tokenizer outputs (``input_ids``, ``attention_mask``), e.g. from
     :func:`uoe_nb.routing.batches`. The model runs in eval mode without gradients (its
-    previous mode is restored). ``g`` is the routing weight the block actually applies
-    (:attr:`uoe_nb.moe.RoutingRecord.weights`: the softmax score for the chosen
-    experts, after any renormalisation the family does; 0 elsewhere). Padding tokens
-    are skipped and sequences without real tokens are ignored.
+    previous mode is restored). ``g`` is, as in the paper, the router's raw score of each
+    selected expert (``gate="scores"``: the softmax, or sigmoid, of the router logits for
+    the token's top-K experts, 0 elsewhere; :attr:`uoe_nb.moe.RoutingRecord.scores`).
+    ``gate="applied"`` uses the weights the block actually applies instead
+    (:attr:`~uoe_nb.moe.RoutingRecord.weights`), which Mixtral, Granite and DeepSeek-V3
+    renormalise (and scale) over the top-K; for Qwen1.5-MoE, OLMoE and DeepSeek-V2-Lite
+    the two agree. Padding tokens are skipped and sequences without real tokens are ignored.
 
     Raises ``ValueError`` when there are no batches or no real tokens, and
     :class:`uoe_nb.moe.NoMoELayersError` for a dense model.
     """
+    if gate not in ("scores", "applied"):
+        raise ValueError(f"gate must be 'scores' (the paper's g: raw router scores) or 'applied', got {gate!r}")
     layers = find_moe_layers(model)
     device = next(model.parameters()).device
     sums = {lay.layer_index: torch.zeros(lay.num_experts, dtype=torch.float64) for lay in layers}
@@ -190,7 +199,8 @@ def expert_affinity(
                 for lay in layers:
                     rec = cap[lay.layer_index][0]
                     keep = rec.mask.bool()
-                    weights = rec.weights.double().masked_fill(~keep.unsqueeze(-1), 0.0).cpu()
+                    g = rec.scores * rec.selected() if gate == "scores" else rec.weights
+                    weights = g.double().masked_fill(~keep.unsqueeze(-1), 0.0).cpu()
                     per_sequence = weights.sum(dim=1)[real] / lengths[real].unsqueeze(-1)
                     sums[lay.layer_index] += per_sequence.sum(dim=0)
                     assigned[lay.layer_index] += rec.selected().sum(dim=(0, 1)).double().cpu()
