@@ -509,3 +509,29 @@ def test_trained_rows_from_elsewhere_are_written_back_and_replaced():
     make_trainable(model, {0: [1]})
     S.apply_scope(model, S.uoe(0, 2))
     assert trained_rows(find_moe_layers(model)[0].experts).experts == (2,)
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v2"])
+def test_rmu_mlps_trains_the_mlps_of_the_steered_layer_and_the_two_below(family):
+    model = random_model(tiny_config(family, experts=8, top_k=2, layers=4), seed=0)
+    ref = _snapshot(model)
+    result = S.apply_scope(model, S.rmu_mlps(2))
+    assert result.name == "RMU's MLPs (layers 0-2, all experts)" and result.routers == []
+    _train(result)
+    changed = changed_parameters(model, ref)
+    moe = {lay.layer_index: lay for lay in find_moe_layers(model)}
+    for name in changed:
+        layer = int(name.split(".")[2])
+        assert layer <= 2 and ".mlp." in name and ".gate.weight" not in name.replace("gate_up", "")
+    for i in (0, 1, 2):
+        if i in moe:
+            assert set(moe[i].expert_parameters()) <= set(changed)  # every expert of the layer
+            assert all(n in changed for n in moe[i].shared_parameters())
+        else:  # DeepSeek's dense first layer: its MLP
+            assert any(n.startswith(f"model.layers.{i}.mlp.") for n in changed)
+    assert not any(n.startswith("model.layers.3.") for n in changed)
+    assert not any("self_attn" in n or "embed" in n for n in changed)
+    with pytest.raises(IndexError, match="out of range"):
+        S.apply_scope(model, S.rmu_mlps(7))
+    with pytest.raises(ValueError, match="non-negative int"):
+        S.rmu_mlps(-1)

@@ -403,3 +403,12 @@ def test_frozen_references_are_computed_in_eval_mode(world, monkeypatch):
         expected, _ = objectives.per_sequence_nll(model.eval()(**batch).logits, batch["input_ids"], batch["attention_mask"])
     unlearn(model, forget, world.retain_corpus[:4], cfg, tokenizer=tok)
     torch.testing.assert_close(seen[0], expected)
+
+
+def test_rmu_on_its_published_parameter_set_steers_the_scopes_layer(world):
+    from uoe_nb.scopes import rmu_mlps
+
+    result, before, _ = _run(world, "rmu", rmu_mlps(2), steps=2, lr=1e-3, evaluate=False)
+    changed = changed_parameters(result.model, before)
+    assert changed and all(int(n.split(".")[2]) <= 2 and ".mlp." in n for n in changed)
+    assert result.scope.target_layer == 2

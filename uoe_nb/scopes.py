@@ -54,6 +54,7 @@ __all__ = [
     "lora",
     "per_layer_experts",
     "random_expert",
+    "rmu_mlps",
     "routers_only",
     "uoe",
 ]
@@ -73,7 +74,7 @@ SCOPE_NAMES = (
     "lora",
 )
 _ALIASES = {"experts_only": "experts", "routers_only": "routers", "per_layer_experts": "per_layer"}
-_KINDS = (*SCOPE_NAMES, "k_experts")
+_KINDS = (*SCOPE_NAMES, "k_experts", "rmu")
 # Attribute set on a model by apply_scope, so the next scope can drop this one's trained rows.
 _APPLIED_ATTR = "_uoe_nb_applied_scope"
 
@@ -217,6 +218,7 @@ _LABELS = {
     "random_expert": "Random expert",
     "esft": "ESFT",
     "lora": "LoRA",
+    "rmu": "RMU's MLPs",
 }
 
 
@@ -279,6 +281,17 @@ def random_expert(layer: int | None = None, *, include_router: bool = True) -> S
     expert when it lies in that layer; ``seed`` of :func:`apply_scope` fixes the draw.
     """
     return Scope("random_expert", layer=layer, include_router=include_router)
+
+
+def rmu_mlps(layer: int) -> Scope:
+    """RMU's published parameter set (Li et al. 2024; the paper's RMU baseline, Chapters 2 and 6):
+    the MLPs of decoder layers ``layer - 2`` to ``layer``, where ``layer`` is the one whose
+    output the control vector steers. In an MoE layer the MLP is every routed expert and the
+    shared experts (the paper unlearns all experts of those layers); routers, attention and
+    embeddings stay frozen. A dense layer in that range (DeepSeek's first) trains its MLP."""
+    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+        raise ValueError(f"rmu_mlps needs the steered layer as a non-negative int, got {layer!r}")
+    return Scope("rmu", layer=layer)
 
 
 def esft(top_p: float = 0.15, *, include_router: bool = False) -> Scope:
@@ -718,6 +731,17 @@ def _apply_experts(
         experts = {layer_index: [expert]}
         target_layer = layer_index
         head, details = "Random expert", [f"layer {layer_index}", f"expert {expert}"]
+    elif kind == "rmu":
+        _, decoder = decoder_layers(model)
+        if scope.layer >= len(decoder):
+            raise IndexError(f"scope {label!r}: layer {scope.layer} is out of range (0..{len(decoder) - 1})")
+        span = list(range(max(0, scope.layer - 2), scope.layer + 1))
+        by_index = {lay.layer_index: lay for lay in layers}
+        experts = {i: list(range(by_index[i].num_experts)) for i in span if i in by_index}
+        shared = [i for i in span if i in by_index and by_index[i].shared_parameters()]
+        dense = [i for i in span if i not in by_index]
+        target_layer = scope.layer
+        head, details = "RMU's MLPs", [f"layers {span[0]}-{span[-1]}", "all experts"]
     elif kind == "esft":
         for lay in layers:
             vec = _need_affinity(affinity, lay.layer_index, label)
@@ -743,7 +767,8 @@ def _apply_experts(
             shared = sorted(experts)
             details.append("+ shared experts")
     name = f"{head} ({', '.join(details)})" if details else head
-    selection = make_trainable(model, experts, routers=routers, shared_experts=shared)
+    selection = make_trainable(model, experts, routers=routers, shared_experts=shared,
+                               dense_mlps=dense if kind == "rmu" else ())  # fmt: skip
     log.debug("scope %s trains experts %s, routers %s, shared %s", name, experts, routers, shared)
     return ScopeResult(
         scope=scope,

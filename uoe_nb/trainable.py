@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .moe import MoELayer, find_moe_layers, moe_layer
+from .moe import MoELayer, decoder_layers, find_moe_layers, moe_layer
 
 __all__ = [
     "MasterWeights",
@@ -267,11 +267,13 @@ def make_trainable(
     *,
     routers: Iterable[int] = (),
     shared_experts: Iterable[int] = (),
+    dense_mlps: Iterable[int] = (),
 ) -> TrainableSelection:
     """Freeze the model, then unfreeze exactly the chosen experts, routers and shared experts.
 
     ``experts`` maps decoder-layer index to expert indices; ``routers`` and
-    ``shared_experts`` list decoder-layer indices whose router / shared experts train too.
+    ``shared_experts`` list decoder-layer indices whose router / shared experts train too;
+    ``dense_mlps`` decoder layers without routed experts whose ``mlp`` trains whole (RMU's set).
     In a fused layer the chosen experts become parameters of their own (see the module
     docstring) unless all of the layer's experts are chosen. Use
     :meth:`TrainableSelection.param_groups` for the optimizer,
@@ -281,7 +283,8 @@ def make_trainable(
     experts = {int(k): sorted({int(e) for e in v}) for k, v in (experts or {}).items()}
     routers = sorted({int(r) for r in routers})
     shared = sorted({int(s) for s in shared_experts})
-    if not experts and not routers and not shared:
+    dense = sorted({int(d) for d in dense_mlps})
+    if not experts and not routers and not shared and not dense:
         raise ValueError("nothing to train: give at least one expert, router or shared-expert layer")
     layers = find_moe_layers(model)
     chosen_layers: list[tuple[MoELayer, list[int]]] = []
@@ -337,6 +340,17 @@ def make_trainable(
             p.requires_grad_(True)
             names.append(name)
             count += p.numel()
+    if dense:
+        layers_name, decoder = decoder_layers(model)
+        moe_indices = {lay.layer_index for lay in layers}
+        for layer_index in dense:
+            mlp = getattr(decoder[layer_index], "mlp", None) if 0 <= layer_index < len(decoder) else None
+            if layer_index in moe_indices or mlp is None:
+                raise ValueError(f"decoder layer {layer_index} has no dense mlp to train")
+            for name, p in mlp.named_parameters():
+                p.requires_grad_(True)
+                names.append(f"{layers_name}.{layer_index}.mlp.{name}")
+                count += p.numel()
     trained_numel = sum(params[n].numel() for n in names if ".trained." in n)
     total = sum(p.numel() for p in model.parameters()) - trained_numel
     return TrainableSelection(

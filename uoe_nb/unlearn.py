@@ -660,7 +660,9 @@ def unlearn(
             target = run.anchors[0]
         run.target = tuple(target) if target is not None else None
         if config.method == "rmu":
-            layer = config.rmu_layer if config.rmu_layer is not None else (target[0] if target else None)
+            layer = config.rmu_layer
+            if layer is None:  # the steered layer: the RMU scope's, else the target's
+                layer = scope.layer if scope.kind == "rmu" else (target[0] if target else None)
             if layer is None:
                 raise ValueError("RMU needs a layer: set rmu_layer or use a scope with a target layer")
             if not 0 <= layer < len(run.decoder_layers):
@@ -861,6 +863,8 @@ def _lowest_trainable_layer(scope: ScopeResult) -> int | None:
     """The lowest decoder layer with a trainable parameter, for expert/router scopes."""
     if scope.scope.kind in ("full", "lora"):
         return None
+    if scope.scope.kind == "rmu":  # dense MLPs in its span are not among the expert layers
+        return max(0, scope.scope.layer - 2)
     layers = set(scope.experts) | set(scope.routers) | set(scope.shared)
     return min(layers) if layers else None
 
