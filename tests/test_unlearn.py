@@ -412,3 +412,22 @@ def test_rmu_on_its_published_parameter_set_steers_the_scopes_layer(world):
     changed = changed_parameters(result.model, before)
     assert changed and all(int(n.split(".")[2]) <= 2 and ".mlp." in n for n in changed)
     assert result.scope.target_layer == 2
+
+
+def test_a_run_that_keeps_the_original_still_makes_a_patch(world):
+    model, tok = _fresh()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    utilities = iter([1.0, 0.5, 0.5])  # every later checkpoint looks worse: the original (step 0) is kept
+
+    def evaluate(m):
+        return {"forget_accuracy": 0.9, "utility_accuracy": next(utilities)}
+
+    cfg = UnlearnConfig(steps=2, lr=1e-2, eval_every=1, monitor_docs=4)
+    result = unlearn(model, world.forget_corpus[:8], world.retain_corpus[:8], cfg, tokenizer=tok,
+                     evaluate=evaluate, keep_original=True)  # fmt: skip
+    assert result.best_step == 0 and not changed_parameters(model, before)
+    patch = result.make_patch("tiny-qwen2moe")
+    layer, expert = result.target
+    assert patch.info.experts == {layer: [expert]} and any("gate.weight" in n for n in patch.names)
+    assert all(torch.equal(e.new, e.old) for e in patch.entries.values())

@@ -242,7 +242,12 @@ class UnlearnResult:
         if self.target is not None:
             metadata.setdefault("layer", self.target[0])
             metadata.setdefault("expert", self.target[1])
-        return make_patch(_BaseView(self.model, self.original), self.model, metadata=metadata)
+        # Declare what the scope trained, so the patch holds it even where a run kept the original
+        # values (a model already at the forget target): a patch that changes nothing, not an error.
+        fused = {n for lay in find_moe_layers(self.model) if lay.fused for n in lay.expert_parameters()}
+        extra = [n for n in self.original if n not in fused]
+        return make_patch(_BaseView(self.model, self.original), self.model, metadata=metadata,
+                          experts=self.scope.experts, extra_params=extra)  # fmt: skip
 
     def release(self) -> None:
         """Drop every reference this result holds to the model (keep the history and numbers).
