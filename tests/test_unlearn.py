@@ -431,3 +431,17 @@ def test_a_run_that_keeps_the_original_still_makes_a_patch(world):
     layer, expert = result.target
     assert patch.info.experts == {layer: [expert]} and any("gate.weight" in n for n in patch.names)
     assert all(torch.equal(e.new, e.old) for e in patch.entries.values())
+
+
+def test_the_published_baselines_train_without_the_anchor(world, monkeypatch):
+    """Eq. 3 is UOE's loss: a whole-model run given the attributed target is not anchored."""
+    from uoe_nb import objectives
+
+    calls = []
+    real = objectives.anchor_loss
+    monkeypatch.setattr(objectives, "anchor_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for scope in ("full", "experts_and_routers", "routers"):
+        _run(world, "ga", scope, steps=1, lr=1e-4, evaluate=False, target=(0, 2))
+    assert calls == []
+    _run(world, "ga", "uoe", steps=1, lr=1e-4, evaluate=False, target=(0, 2))
+    assert calls == [1]

@@ -290,6 +290,7 @@ def takes_parts(evaluate: Callable) -> bool:
         return False
 
 
+_UNANCHORED = ("full", "experts", "experts_and_routers", "routers", "lora", "rmu")
 _KL_CACHE_LIMIT = 2 * 2**30  # bytes of full-vocabulary KL references a run may keep in host memory
 _JITTER = ("router_jitter_noise", "input_jitter_noise", "moe_jitter_eps")
 
@@ -852,8 +853,12 @@ def _anchor_pairs(scope: ScopeResult, target) -> list[tuple[int, int]]:
 
     A trainable router is anchored to the one expert the scope trains in its layer
     (UOE, a random expert, the top-1 expert of each layer); a router of a layer with
-    several trained experts is anchored to the attributed target if it is there.
+    several trained experts is anchored to the attributed target if it is there. The
+    anchor is UOE's loss: the baselines as published (the whole model, the pilot study's
+    experts-and-routers and routers-only scopes, LoRA) train without it.
     """
+    if scope.scope.kind in _UNANCHORED:
+        return []
     pairs = []
     for layer in scope.routers:
         experts = scope.experts.get(layer, [])
