@@ -271,3 +271,31 @@ def test_parameter_ratios_count_by_hand_and_leave_the_model_alone(setup):
     assert esft_row["trainable"] % (one_expert) == 0  # whole experts, no router
     with pytest.raises(ValueError, match="unknown baseline scopes"):
         parameter_ratios(model, ("per_layer",), affinity=aff)
+
+
+def test_run_grid_chooses_each_cells_learning_rate_by_one_procedure(setup):
+    world, model, tok, aff = setup
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    evaluate = _likelihood_evaluator(tok, world)
+    calls = []
+
+    def counting(m):
+        calls.append(1)
+        return evaluate(m)
+
+    cfg = UnlearnConfig(lr=1.0, steps=2, eval_every=1, monitor_docs=4, max_length=64)  # lr replaced by the sweep
+    grid = run_grid(model, tok, world.forget_corpus[:8], world.retain_corpus[:8], [Baseline("ga", "uoe")], [0, 1],
+                    cfg, evaluate=counting, model_name="tiny-qwen2moe", affinity=aff,
+                    lr_grid=(1e-4, 3e-2), operating_target=0.9)  # fmt: skip
+    assert not changed_parameters(model, state)
+    # two sweep runs on seed 0 (one of them is seed 0's run), then seed 1 at the chosen rate
+    assert len(calls) == 1 + 3 * 2
+    sweep = grid.lr_choices["GA+UOE"]
+    assert list(sweep.index) == [1e-4, 3e-2] and set(sweep.columns) >= {"FA", "UT", "reached"}
+    chosen = {r.lr for r in grid.records}
+    assert len(chosen) == 1 and chosen <= {1e-4, 3e-2}
+    assert all(len(r.path) == 3 for r in grid.records)  # step 0, 1, 2
+    frame = grid.tradeoff_frame()
+    assert list(frame.index) == ["GA+UOE"] and frame.loc["GA+UOE", "lr"] in (1e-4, 3e-2)
+    assert {"UT@FA<=0.5", "UT@op", "seeds at op"} <= set(frame.columns)
+    assert set(grid.paths()) == {"GA+UOE"}

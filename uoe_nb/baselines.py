@@ -37,6 +37,8 @@ from .diagnostics import OracleDistance, oracle_distance
 from .layer_study import Variant, run_variant
 from .routing import batches as make_batches
 from .scopes import Scope, describe_scopes
+from .tradeoff import LEVELS, OPERATING_POINT, LearningRateChoice, choose_learning_rate, tradeoff_table
+from .tradeoff import path as run_path
 from .unlearn import METHODS, PARTS, UnlearnConfig, UnlearnResult, takes_parts
 
 __all__ = [
@@ -303,6 +305,8 @@ class RunRecord:
     stopped: str
     overlap_forget: float = math.nan
     oracle: OracleDistance | None = None
+    lr: float = math.nan
+    path: list[tuple[int, float, float]] = field(default_factory=list)  # (step, FA, UT) of evaluated checkpoints
 
     @property
     def label(self) -> str:
@@ -324,6 +328,7 @@ class RunRecord:
             "fraction": self.fraction,
             "reached": self.reached,
             "overlap forget": self.overlap_forget,
+            "lr": self.lr,
             "stopped": self.stopped,
         }
         if self.oracle is not None:
@@ -473,10 +478,34 @@ class BaselineGrid:
     before: dict[str, float]
     records: list[RunRecord]
     results: dict[tuple[str, int], UnlearnResult]
+    lr_choices: dict[str, pd.DataFrame] = field(default_factory=dict)  # cell -> its sweep (with lr_grid)
 
     def frame(self) -> pd.DataFrame:
         """One row per run."""
         return pd.DataFrame([r.as_row() for r in self.records])
+
+    def tradeoff_frame(self, levels: Sequence[float] = LEVELS, target: float = OPERATING_POINT) -> pd.DataFrame:
+        """Per cell, the mean over seeds of utility at matched forgetting (FA = each level,
+        interpolated along every run's path), at the lowest FA reached and at the operating
+        point, with how many seeds reached it and the cell's learning rate (Chapter 6)."""
+        rows = []
+        for r in self.records:
+            if not r.path:
+                continue
+            row = tradeoff_table({0: r.path}, levels, target).iloc[0].to_dict()
+            rows.append({"label": r.label, "lr": r.lr, **row})
+        if not rows:
+            raise ValueError("no run recorded a path with both FA and UT: evaluate the runs")
+        frame = pd.DataFrame(rows)
+        reached = frame.groupby("label", sort=False)["reached op"].sum().astype(int)
+        out = frame.drop(columns=["reached op"]).groupby("label", sort=False).mean()
+        out["seeds at op"] = reached
+        return out
+
+    def paths(self, seed: int | None = None) -> dict[str, list[tuple[int, float, float]]]:
+        """Each cell's FA-UT path for ``seed`` (default: the first seed run)."""
+        seed = self.records[0].seed if seed is None and self.records else seed
+        return {r.label: r.path for r in self.records if r.seed == seed and r.path}
 
     def summaries(self) -> list[BaselineSummary]:
         return aggregate(self.records)
@@ -512,6 +541,13 @@ def _starting_from(before: Mapping[str, float], evaluate: Callable[[nn.Module], 
     return wrapped
 
 
+def _safe_path(result: UnlearnResult) -> list[tuple[int, float, float]]:
+    try:
+        return run_path(result)
+    except ValueError:  # no evaluated checkpoint with both accuracies
+        return []
+
+
 def _plain_model(model: nn.Module) -> nn.Module:
     """The transformers model behind a peft wrapper (adapters still active), else ``model``."""
     get_base = getattr(model, "get_base_model", None)
@@ -535,6 +571,8 @@ def run_grid(
     oracle_texts: tuple[Sequence[str], Sequence[str]] | None = None,
     oracle_batch_size: int = 16,
     keep: Callable[[Baseline, int], bool] | None = None,
+    lr_grid: Sequence[float] | None = None,
+    operating_target: float = OPERATING_POINT,
 ) -> BaselineGrid:
     """Unlearn ``base_model`` for every baseline and seed (Tables 2 and 4; Chapter 6).
 
@@ -551,6 +589,11 @@ def run_grid(
     oracle is measured (:func:`uoe_nb.diagnostics.oracle_distance`). Where
     ``keep(baseline, seed)`` is true the run's change is kept as ``result.patch``
     (apply it to ``base_model`` with :func:`uoe_nb.patches.apply_patch`).
+
+    With ``lr_grid`` every cell's learning rate comes from one procedure instead of the
+    cell's ``lr``: :func:`uoe_nb.tradeoff.choose_learning_rate` on the first seed (the rate
+    whose run reaches ``operating_target`` with the best utility), then the other seeds at
+    that rate; ``grid.lr_choices`` holds each cell's sweep and every record its rate.
     """
     baselines = list(baselines)
     seeds = list(seeds)
@@ -594,52 +637,72 @@ def run_grid(
 
     records: list[RunRecord] = []
     results: dict[tuple[str, int], UnlearnResult] = {}
+
+    def one(baseline: Baseline, seed: int, lr: float | None) -> tuple[RunRecord, UnlearnResult]:
+        cfg = baseline.config(config, seed)
+        if lr is not None:
+            cfg = dataclasses.replace(cfg, lr=float(lr))
+        inspect = None
+        if oracle is not None:
+
+            def inspect(result):
+                return oracle_distance(_plain_model(result.model), oracle, *oracle_batches, routing=False)
+
+        row, result = run_variant(
+            base_model,
+            tokenizer,
+            forget,
+            retain,
+            baseline.variant(),
+            cfg,
+            evaluate=_starting_from(before, evaluate),
+            affinity=affinity,
+            inspect=inspect,
+            keep_patch=keep is not None and keep(baseline, seed),
+            base_name=model_name,
+        )
+        target = cfg.stop_forget_accuracy
+        record = RunRecord(
+            model=model_name,
+            method=baseline.method,
+            scope=baseline.scope,
+            seed=seed,
+            step=row["step"],
+            forget_accuracy=row["FA"],
+            utility_accuracy=row["UT"],
+            forget_accuracy_before=before["forget_accuracy"],
+            utility_accuracy_before=before["utility_accuracy"],
+            trainable=result.scope.num_trainable,
+            fraction=result.scope.fraction,
+            reached=None if target is None else bool(row["FA"] <= target),
+            stopped=result.stopped,
+            overlap_forget=row["overlap forget"],
+            oracle=result.inspected,
+            lr=cfg.lr,
+            path=_safe_path(result),
+        )
+        log.info("%s %s seed %d: %s", model_name, baseline.label, seed, record.as_row())
+        return record, result
+
+    choices: dict[str, LearningRateChoice] = {}
     for baseline in baselines:
+        tried: dict[float, tuple[RunRecord, UnlearnResult]] = {}
+        lr = None
+        if lr_grid is not None:
+            # One procedure for every cell: sweep the grid on the first seed, keep the rate that
+            # reaches the operating point with the best utility; the other seeds run at that rate.
+            def run_at(rate: float, baseline=baseline, tried=tried) -> UnlearnResult:
+                tried[rate] = one(baseline, seeds[0], rate)
+                return tried[rate][1]
+
+            choices[baseline.label] = choose_learning_rate(run_at, lr_grid, target=operating_target)
+            lr = choices[baseline.label].lr
         for seed in seeds:
-            cfg = baseline.config(config, seed)
-            inspect = None
-            if oracle is not None:
-
-                def inspect(result):
-                    return oracle_distance(_plain_model(result.model), oracle, *oracle_batches, routing=False)
-
-            row, result = run_variant(
-                base_model,
-                tokenizer,
-                forget,
-                retain,
-                baseline.variant(),
-                cfg,
-                evaluate=_starting_from(before, evaluate),
-                affinity=affinity,
-                inspect=inspect,
-                keep_patch=keep is not None and keep(baseline, seed),
-                base_name=model_name,
-            )
-            distance = result.inspected
-            target = cfg.stop_forget_accuracy
-            records.append(
-                RunRecord(
-                    model=model_name,
-                    method=baseline.method,
-                    scope=baseline.scope,
-                    seed=seed,
-                    step=row["step"],
-                    forget_accuracy=row["FA"],
-                    utility_accuracy=row["UT"],
-                    forget_accuracy_before=before["forget_accuracy"],
-                    utility_accuracy_before=before["utility_accuracy"],
-                    trainable=result.scope.num_trainable,
-                    fraction=result.scope.fraction,
-                    reached=None if target is None else bool(row["FA"] <= target),
-                    stopped=result.stopped,
-                    overlap_forget=row["overlap forget"],
-                    oracle=distance,
-                )
-            )
-            log.info("%s %s seed %d: %s", model_name, baseline.label, seed, records[-1].as_row())
+            record, result = tried[lr] if (lr in tried and seed == seeds[0]) else one(baseline, seed, lr)
+            records.append(record)
             results[(baseline.label, seed)] = result
-    return BaselineGrid(model=model_name, before=before, records=records, results=results)
+    return BaselineGrid(model=model_name, before=before, records=records, results=results,
+                        lr_choices={k: v.table for k, v in choices.items()})  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------
