@@ -128,3 +128,13 @@ def test_mean_overlap_and_curve():
     assert [r["step"] for r in curve] == [0, 10]
     assert curve[1]["mean"] == pytest.approx(0.25) and curve[1]["layer 1"] == 0.0
     assert torch.tensor([r["mean"] for r in curve]).le(1).all()
+
+
+def test_run_variant_refuses_a_patch_of_a_lora_run_before_training(setup):
+    world, model, tok, aff = setup
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    cfg = UnlearnConfig(method="ga", lr=3e-3, steps=1, monitor_docs=4)
+    with pytest.raises(ValueError, match="LoRA run has no patch"):
+        run_variant(model, tok, world.forget_corpus[:4], world.retain_corpus[:4], Variant("lora", scopes.lora()),
+                    cfg, affinity=aff, keep_patch=True)  # fmt: skip
+    assert not changed_parameters(model, before)

@@ -154,6 +154,12 @@ def run_variant(
     and retain text (mean over layers, and per layer as ``overlap_forget/L``).
     """
     cfg = dataclasses.replace(config, scope=variant.scope, target=variant.target)
+    kind = cfg.scope.kind if isinstance(cfg.scope, Scope) else Scope.from_name(cfg.scope).kind
+    if keep_patch and kind == "lora":
+        raise ValueError(
+            "keep_patch: a LoRA run has no patch (its change is spread over merged adapters); measure "
+            "what you need with inspect= instead"
+        )
     result = unlearn(base_model, forget, retain, cfg, tokenizer=tokenizer, evaluate=evaluate, affinity=affinity,
                      keep_original=True)  # fmt: skip
     try:
