@@ -193,16 +193,22 @@ def _likelihood_evaluator(tok, world):
     return evaluate
 
 
+def _counting(evaluate):
+    """``(calls, wrapped)``: ``evaluate`` that appends to ``calls`` on every call."""
+    calls = []
+
+    def wrapped(model):
+        calls.append(1)
+        return evaluate(model)
+
+    return calls, wrapped
+
+
 def test_run_grid_trains_in_place_and_uoe_changes_only_the_target(setup):
     world, model, tok, aff = setup
     oracle, _ = load_zoo_model("tiny-qwen2moe-oracle")
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    evaluate = _likelihood_evaluator(tok, world)
-    calls = []
-
-    def counting(m):
-        calls.append(1)
-        return evaluate(m)
+    calls, counting = _counting(_likelihood_evaluator(tok, world))
 
     cfg = UnlearnConfig(lr=3e-3, steps=2, eval_every=1, monitor_docs=4, max_length=64)
     cells = [Baseline("ga", "uoe"), Baseline("ga", "full", lr=1e-3), Baseline("ga", "lora")]
@@ -216,7 +222,9 @@ def test_run_grid_trains_in_place_and_uoe_changes_only_the_target(setup):
     assert len(calls) == 1 + len(cells) * 2 * 2
     assert [(r.label, r.seed) for r in grid.records] == [(c.label, s) for c in cells for s in (0, 1)]
     assert all(r.step == 2 and r.reached is None for r in grid.records)
-    assert grid.records[0].forget_accuracy_before == pytest.approx(evaluate(model)["forget_accuracy"])
+    assert grid.records[0].forget_accuracy_before == pytest.approx(
+        _likelihood_evaluator(tok, world)(model)["forget_accuracy"]
+    )
 
     # the kept UOE run's patch changes only the target expert's slice and the target router
     from uoe_nb.patches import apply_patch, revert_patch
@@ -276,12 +284,7 @@ def test_parameter_ratios_count_by_hand_and_leave_the_model_alone(setup):
 def test_run_grid_chooses_each_cells_learning_rate_by_one_procedure(setup):
     world, model, tok, aff = setup
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    evaluate = _likelihood_evaluator(tok, world)
-    calls = []
-
-    def counting(m):
-        calls.append(1)
-        return evaluate(m)
+    calls, counting = _counting(_likelihood_evaluator(tok, world))
 
     cfg = UnlearnConfig(lr=1.0, steps=2, eval_every=1, monitor_docs=4, max_length=64)  # lr replaced by the sweep
     grid = run_grid(model, tok, world.forget_corpus[:8], world.retain_corpus[:8], [Baseline("ga", "uoe")], [0, 1],

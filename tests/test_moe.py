@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from toy_moe import RemoteStyleModel
+from toy_moe import RemoteStyleModel, random_batch
 
 from uoe_nb.families import random_model, tiny_config
 from uoe_nb.moe import (
@@ -29,13 +29,6 @@ EXPECTED = {
 }
 
 
-def _batch(vocab=128, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, vocab, (3, 9), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0  # left padding
-    mask[2, -2:] = 0  # right padding
-    return {"input_ids": ids, "attention_mask": mask}
 
 
 @pytest.fixture(scope="module", params=sorted(EXPECTED))
@@ -66,7 +59,7 @@ def test_find_moe_layers(family_model):
 
 def test_capture_shapes_and_padding(family_model):
     family, model = family_model
-    batch = _batch()
+    batch = random_batch()
     with capture_routing(model) as cap:
         with torch.no_grad():
             model(**batch)
@@ -118,7 +111,7 @@ def test_captured_weights_match_hand_computation(family):
                 )
             )
         )
-    batch = _batch(seed=5)
+    batch = random_batch(seed=5)
     with capture_routing(model) as cap, torch.no_grad():
         model(**batch)
     for h in hooks:
@@ -134,7 +127,7 @@ def test_captured_weights_match_hand_computation(family):
 def test_capture_keeps_graph_when_asked():
     model = random_model(tiny_config("qwen2_moe"), seed=0)
     with capture_routing(model, layers=[1], detach=False) as cap:
-        model(**_batch())
+        model(**random_batch())
     rec = cap[1][0]
     assert rec.scores.requires_grad
     rec.scores.sum().backward()

@@ -5,6 +5,7 @@ import pickle
 
 import pytest
 import torch
+from toy_moe import random_batch
 
 from uoe_nb.families import random_model, tiny_config
 from uoe_nb.moe import changed_parameters, find_moe_layers
@@ -14,13 +15,6 @@ FAMILIES = ["qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "mixtral", "
             "phimoe", "gpt_oss", "llama4_text"]  # fmt: skip
 
 
-def _batch(vocab=128, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, vocab, (3, 9), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0  # left padding
-    mask[2, -2:] = 0  # right padding
-    return {"input_ids": ids, "attention_mask": mask}
 
 
 def _model(family, **kw):
@@ -30,7 +24,7 @@ def _model(family, **kw):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_split_forward_equals_fused_forward_and_only_the_slice_gets_gradients(family):
     model = _model(family)
-    batch = _batch()
+    batch = random_batch()
     with torch.no_grad():
         reference = model(**batch).logits
     lay = find_moe_layers(model)[-1]
@@ -61,7 +55,7 @@ def test_training_a_slice_leaves_everything_else_bitwise_unchanged(family):
     # Weight decay acts on the trained rows only: nothing else is a parameter of the optimizer.
     opt = torch.optim.AdamW(sel.param_groups(weight_decay=0.1), lr=1e-2)
     for step in range(4):
-        batch = _batch(seed=step)
+        batch = random_batch(seed=step)
         loss = -model(**batch, labels=batch["input_ids"]).loss
         opt.zero_grad()
         loss.backward()
@@ -84,7 +78,7 @@ def test_write_back_makes_the_plain_model_equal_to_the_split_one():
     model = _model("qwen2_moe").train()
     sel = make_trainable(model, {1: [0, 3]})
     opt = torch.optim.SGD(sel.parameters(), lr=0.5)
-    batch = _batch()
+    batch = random_batch()
     (-model(**batch, labels=batch["input_ids"]).loss).backward()
     opt.step()
     model.eval()
@@ -145,7 +139,7 @@ def test_deepcopy_and_pickle_of_a_prepared_model_keep_its_own_trained_rows():
     rows = trained_rows(find_moe_layers(model)[1].experts)
     with torch.no_grad():
         rows.down_proj.add_(0.5)  # a trained state that the fused tensor does not hold yet
-    batch = _batch()
+    batch = random_batch()
     for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         twin_rows = trained_rows(find_moe_layers(twin)[1].experts)
         assert twin_rows is not rows and torch.equal(twin_rows.down_proj, rows.down_proj)

@@ -6,6 +6,16 @@ from __future__ import annotations
 import torch
 
 
+def random_batch(vocab: int = 128, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Three random sequences of 9 tokens, one left-padded and one right-padded."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (3, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    mask[2, -2:] = 0  # right padding
+    return {"input_ids": ids, "attention_mask": mask}
+
+
 class RemoteStyleBlock(torch.nn.Module):
     """Softmax router over ``experts`` Linear experts, top-``top_k`` weighted sum."""
 
