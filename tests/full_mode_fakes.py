@@ -15,6 +15,9 @@ the hub, and nothing else:
 * ``uoe_nb.evaluation.lm_eval_tasks`` scores ``wmdp_*`` on the world's forget questions
   and ``mmlu`` on its utility questions through the same lm-eval path tiny mode uses.
 
+It also counts the questions ``uoe_nb.attacks.measure_mc`` scores (each item without and with
+the suffix), which a chapter's plan includes.
+
 It also builds lm-eval's task index (``lm_eval.tasks.TaskManager``, 10-15 s here) only when
 something reads it, which the faked ``lm_eval_tasks`` never does, caps every unlearning
 run at ``max_steps`` steps and every GCG attack at two steps of eight candidates (full-mode
@@ -236,6 +239,11 @@ class Counter:
             self.evaluations.append({"tasks": per_task, "limit": limit})
             self.write()
 
+    def multiple_choice(self, task: str, questions: int) -> None:
+        """Questions scored outside lm-eval's hub tasks (Chapter 7's attack measurements)."""
+        self.evaluations.append({"tasks": {task: questions}, "limit": None})
+        self.write()
+
     def begin_run(
         self, steps: int, eval_every: int, method: str, scope: Any, utility_eval: str = "always"
     ) -> None:
@@ -447,6 +455,19 @@ def install(max_steps: int = 4, counts_path: str | None = None) -> Counter:
         return gcg_validate(self)
 
     GCGConfig.validate = gcg_capped
+
+    from uoe_nb import attacks
+
+    real_measure_mc = attacks.measure_mc
+
+    @functools.wraps(real_measure_mc)
+    def measure_mc(
+        model, tokenizer, items, suffix, **kwargs
+    ):  # scores every item without and with the suffix
+        counter.multiple_choice("attack_mc:" + kwargs.get("name", "attack_mc"), 2 * len(items))
+        return real_measure_mc(model, tokenizer, items, suffix, **kwargs)
+
+    attacks.measure_mc = measure_mc
     torch.set_num_threads(1)
     return counter
 

@@ -152,3 +152,13 @@ def test_plan_line_is_parsed_and_compared():
         "the plan line has no optimizer_steps=",
         "the plan line has no questions=",
     ]
+
+
+def test_attack_measurements_are_counted(tmp_path):
+    counter = fakes.Counter(path=str(tmp_path / "counts.json"))
+    counter.multiple_choice("attack_mc:forget_attack", 2 * 600)  # 600 items, without and with a suffix
+    counter.lm_eval(("wmdp_cyber",), 500)
+    totals = counter.totals()
+    assert totals["runs"] == 0
+    assert totals["questions"] == 1200 + 500
+    assert totals["questions_by_task"] == {"attack_mc:forget_attack": 1200, "wmdp_cyber": 500}
