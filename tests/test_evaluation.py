@@ -337,20 +337,26 @@ def test_builtin_wmdp_cyber_and_mmlu_configs_resolve_offline():
     assert inspect.signature(data.load_mmlu).parameters["path"].default == "cais/mmlu"
 
 
-def test_lm_eval_tasks_runs_groups_and_tasks(world, tmp_path):
+def _two_part_tasks(folder):
+    """Two local multiple-choice tasks (6 seen, 10 unseen names) and a group of both, with a
+    TaskManager that indexes only them."""
     from lm_eval.tasks import TaskManager
 
-    model, tok = world
     a, b = [item(n) for n in SEEN[:6]], [item(n) for n in UNSEEN[:10]]
-    ev.write_mc_task(a, tmp_path, "part_a")
-    ev.write_mc_task(b, tmp_path, "part_b")
+    ev.write_mc_task(a, folder, "part_a")
+    ev.write_mc_task(b, folder, "part_b")
     group = {
         "group": "both_parts",
         "task": ["part_a", "part_b"],
         "aggregate_metric_list": [{"metric": "acc", "weight_by_size": True}],
     }
-    (tmp_path / "both_parts.yaml").write_text(yaml.safe_dump(group))
-    manager = TaskManager(include_path=str(tmp_path), include_defaults=False)
+    (folder / "both_parts.yaml").write_text(yaml.safe_dump(group))
+    return a, b, TaskManager(include_path=str(folder), include_defaults=False)
+
+
+def test_lm_eval_tasks_runs_groups_and_tasks(world, tmp_path):
+    model, tok = world
+    a, b, manager = _two_part_tasks(tmp_path)
     scores = ev.lm_eval_tasks(model, tok, ("both_parts", "part_a"), task_manager=manager, progress=False)
     acc_a = ev.multiple_choice_accuracy_reference(model, tok, a).accuracy
     acc_b = ev.multiple_choice_accuracy_reference(model, tok, b).accuracy
@@ -411,19 +417,8 @@ def test_lm_eval_tasks_defaults_to_the_shared_index(world, monkeypatch, tmp_path
 def test_lm_eval_tasks_loads_tasks_once_and_reuses_them(world, tmp_path, monkeypatch):
     """An unlearning run evaluates every few steps: the tasks are loaded once per manager, and
     later evaluations with other limits still score exactly their first questions."""
-    from lm_eval.tasks import TaskManager
-
     model, tok = world
-    a, b = [item(n) for n in SEEN[:6]], [item(n) for n in UNSEEN[:10]]
-    ev.write_mc_task(a, tmp_path, "part_a")
-    ev.write_mc_task(b, tmp_path, "part_b")
-    group = {
-        "group": "both_parts",
-        "task": ["part_a", "part_b"],
-        "aggregate_metric_list": [{"metric": "acc", "weight_by_size": True}],
-    }
-    (tmp_path / "both_parts.yaml").write_text(yaml.safe_dump(group))
-    manager = TaskManager(include_path=str(tmp_path), include_defaults=False)
+    a, b, manager = _two_part_tasks(tmp_path)
     loads = []
     real_load = manager.load
     monkeypatch.setattr(manager, "load", lambda names: loads.append(list(names)) or real_load(names))
