@@ -79,11 +79,6 @@ class TrainedRows(nn.Module):
         return f"experts={list(self.experts)}"
 
 
-def _fused_names(experts: nn.Module) -> list[str]:
-    """Direct parameters of a fused experts module (all have the expert index as dim 0)."""
-    return [n for n, _ in experts.named_parameters(recurse=False)]
-
-
 def _expert_output(module: nn.Module, rows: TrainedRows, j: int, x: torch.Tensor) -> torch.Tensor:
     """Output of trained expert ``rows.experts[j]`` for tokens ``x`` ``[n, H]``, from its own weights.
 
