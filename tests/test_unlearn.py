@@ -114,6 +114,40 @@ def test_npo_reference_does_not_move(world, monkeypatch):
     assert not torch.allclose(cur4, ref4)
 
 
+def test_npo_default_is_the_papers_summed_nll(world, monkeypatch):
+    """NPO as the paper and open-unlearning define it: per-sequence summed NLL, beta 0.001."""
+    from uoe_nb import objectives
+
+    calls = []
+    real = objectives.npo_loss
+
+    def spy(cur, ref, beta, *a, **k):
+        calls.append((cur.detach().clone(), beta, k))
+        return real(cur, ref, beta, *a, **k)
+
+    monkeypatch.setattr(objectives, "npo_loss", spy)
+    config = UnlearnConfig(method="npo", steps=2, lr=1e-3)
+    assert (config.npo_beta, config.npo_per_token) == (0.001, False)
+    model, tok = _fresh()
+    forget = world.forget_corpus[:4]  # one batch of 4: the first step sees every document
+    sums = []
+    with torch.no_grad():
+        for doc in forget:  # each document's summed next-token NLL under the original model
+            ids = tok(doc, return_tensors="pt", add_special_tokens=True)["input_ids"]
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+            sums.append(-logp.gather(1, ids[0, 1:, None]).sum().item())
+    unlearn(model, forget, world.retain_corpus[:8], config, tokenizer=tok)
+    cur, beta, kwargs = calls[0]
+    assert beta == 0.001 and kwargs["per_token"] is False and kwargs["n_tokens"] is None
+    torch.testing.assert_close(sorted(cur.tolist()), sorted(sums), rtol=1e-3, atol=1e-3)
+    # the per-token variant divides by the token counts
+    calls.clear()
+    model, tok = _fresh()
+    unlearn(model, forget, world.retain_corpus[:8],
+            UnlearnConfig(method="npo", steps=1, lr=1e-3, npo_per_token=True), tokenizer=tok)  # fmt: skip
+    assert calls[0][2]["per_token"] is True and calls[0][2]["n_tokens"] is not None
+
+
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [

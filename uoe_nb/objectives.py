@@ -239,11 +239,16 @@ def npo_loss(
         -(2 / beta) * mean_j log sigmoid( beta * (NLL_cur(x_j) - NLL_ref(x_j)) )
 
     ``nll_cur`` / ``nll_ref`` are per-sequence NLLs of the model being trained and of
-    the frozen original (detached here). NPO's definition uses the summed NLL of each
-    sequence; with ``per_token=True`` both are divided by ``n_tokens`` (the per-token
-    mean NLL), which a tiny model needs: a summed 128-token NLL moves by tens of nats
-    and saturates the sigmoid (loss 0, no gradient) within a few steps. When current
-    and reference agree the loss is ``(2 / beta) * log 2``.
+    the frozen original (detached here). NPO's definition, the paper's and
+    open-unlearning's, uses the summed NLL of each sequence (the default here and in
+    :class:`uoe_nb.unlearn.UnlearnConfig`, with the paper's ``beta = 0.001``). With
+    ``per_token=True`` both are divided by ``n_tokens`` (the per-token mean NLL): the
+    forget term then weighs a sequence by its mean, not its sum, so it is about the
+    sequence length weaker against a per-token retain NLL, and with a larger ``beta``
+    (0.1) a summed NLL that moves by tens of nats would saturate the sigmoid (loss 0,
+    no gradient) within a few steps. When current and reference agree the loss is
+    ``(2 / beta) * log 2``; for ``beta * (NLL_cur - NLL_ref)`` near 0 its gradient is
+    that of GA on the summed NLL.
     """
     what = "npo_loss"
     _positive(beta, what, "beta")

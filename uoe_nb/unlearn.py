@@ -103,8 +103,8 @@ class UnlearnConfig:
     retain_loss: str = "nll"  # "nll" or "kl" (GradDiff / NPO / SimNPO retain term)
     kl_top_k: int | None = None  # "kl": keep the reference's top-k tokens only (None: full vocabulary)
     retain_router_weight: float = 0.0  # our extension, off as in the paper
-    npo_beta: float = 0.1
-    npo_per_token: bool = True
+    npo_beta: float = 0.001  # the paper's beta
+    npo_per_token: bool = False  # True: per-token mean NLL instead of NPO's per-sequence sum
     simnpo_beta: float = 4.5
     simnpo_delta: float = 0.0
     rmu_layer: int | None = None  # default: the target layer
@@ -515,8 +515,10 @@ class _Run:
             if cfg.method in ("ga", "graddiff"):
                 forget_term = objectives.ga_loss(total, count)
             elif cfg.method == "npo":
-                forget_term = objectives.npo_loss(total, ref_total, cfg.npo_beta, per_token=cfg.npo_per_token,
-                                                  n_tokens=count)  # fmt: skip
+                forget_term = objectives.npo_loss(
+                    total, ref_total, cfg.npo_beta, per_token=cfg.npo_per_token,
+                    n_tokens=count if cfg.npo_per_token else None,
+                )
             else:  # simnpo
                 forget_term = objectives.simnpo_loss(total, count, cfg.simnpo_beta, cfg.simnpo_delta)
             loss = forget_term
