@@ -1,5 +1,6 @@
 """The Tables 2-4 comparison of Chapter 6: cells, grid runs on copies, aggregation, the paper's numbers."""
 
+import dataclasses
 import math
 
 import pytest
@@ -8,16 +9,21 @@ import torch
 from uoe_nb import routing
 from uoe_nb.attribution import expert_affinity
 from uoe_nb.baselines import (
+    COMPARISON_COLUMNS,
     PAPER_PARAMETER_RATIOS,
     Baseline,
+    BaselineGrid,
     RunRecord,
     Stat,
     aggregate,
+    comparison_frame,
     paper_frame,
     paper_result,
     parameter_ratios,
+    plot_tradeoffs,
     run_grid,
     summary_frame,
+    uoe_gains,
 )
 from uoe_nb.diagnostics import OracleDistance
 from uoe_nb.moe import changed_parameters, find_moe_layers
@@ -302,3 +308,112 @@ def test_run_grid_chooses_each_cells_learning_rate_by_one_procedure(setup):
     assert list(frame.index) == ["GA+UOE"] and frame.loc["GA+UOE", "lr"] in (1e-4, 3e-2)
     assert {"UT@FA<=0.5", "UT@op", "seeds at op"} <= set(frame.columns)
     assert set(grid.paths()) == {"GA+UOE"}
+
+
+# --------------------------------------------------------------------------------------
+# Matched forgetting: comparison tables and gains from recorded paths
+# --------------------------------------------------------------------------------------
+
+
+def _path_record(method, scope, seed, path, lr):
+    fa, ut = path[-1][1], path[-1][2]
+    return dataclasses.replace(_record(fa, ut, seed, model="tiny-qwen2moe", method=method, scope=scope),
+                               path=path, lr=lr)  # fmt: skip
+
+
+def _grid(records):
+    return BaselineGrid(model="tiny-qwen2moe", before={"forget_accuracy": 0.9, "utility_accuracy": 0.9},
+                        records=records, results={})  # fmt: skip
+
+
+def test_comparison_frame_and_gains_are_read_off_the_paths():
+    whole = [(0, 0.9, 0.9), (10, 0.5, 0.8), (20, 0.3, 0.4)]  # reaches the operating point, UT 0.4
+    uoe0 = [(0, 0.9, 0.9), (10, 0.4, 0.8), (20, 0.2, 0.7)]  # reaches it, UT 0.7
+    uoe1 = [(0, 0.9, 0.9), (10, 0.6, 0.85), (20, 0.35, 0.75)]  # stops at FA 0.35
+    grid = _grid([_path_record("ga", "full", 0, whole, 1e-3), _path_record("ga", "full", 1, whole, 1e-3),
+                  _path_record("ga", "uoe", 0, uoe0, 1e-2), _path_record("ga", "uoe", 1, uoe1, 1e-2)])  # fmt: skip
+    frame = comparison_frame(grid, ["GA", "GA+UOE", "GA+LoRA"])
+    assert list(frame.columns) == COMPARISON_COLUMNS and list(frame.index) == ["GA", "GA+UOE", "GA+LoRA"]
+    assert frame.loc["GA", "lr"] == 1e-3 and frame.loc["GA+UOE", "lr"] == 1e-2
+    assert frame.loc["GA", "paper UT"] == pytest.approx(0.3393)
+    assert frame.loc["GA", "UT@op"] == pytest.approx(0.4) and frame.loc["GA", "seeds at op"] == 2
+    # UOE at op: seed 0's checkpoint at FA 0.2 (UT 0.7), seed 1's lowest FA 0.35 (UT 0.75)
+    assert frame.loc["GA+UOE", "UT@op"] == pytest.approx(0.725) and frame.loc["GA+UOE", "seeds at op"] == 1
+    assert frame.loc["GA+UOE", "FA@op"] == pytest.approx(0.275)
+    # utility at FA 0.5: seed 0 interpolates 0.9 -> 0.8 over FA 0.9 -> 0.4 at 0.5: 0.82;
+    # seed 1 between (0.6, 0.85) and (0.35, 0.75): 0.85 - 0.4 * 0.1 = 0.81
+    assert frame.loc["GA+UOE", "UT@FA<=0.5"] == pytest.approx((0.82 + 0.81) / 2)
+    assert math.isnan(frame.loc["GA+UOE", "UT@FA<=0.3"])  # seed 1 never got there: no mean
+    assert frame.loc["GA+LoRA"].isna().all()  # not run: an empty row
+
+    gains = uoe_gains({"tiny-qwen2moe": grid}, ["ga", "rmu"])
+    row = gains.loc[("tiny-qwen2moe", "GA")]
+    assert list(gains.index) == [("tiny-qwen2moe", "GA")]  # RMU has no cells here
+    assert row["UT gain @op"] == pytest.approx(0.725 - 0.4) and row["op seeds whole/UOE"] == "2/1"
+    # the lowest level both cells reached on every seed is 0.4: whole 0.8 - (0.1/0.2)*0.4 = 0.6
+    # (FA 0.5 -> 0.3, UT 0.8 -> 0.4), UOE seed 0: 0.8; seed 1 between (0.6, .85) and (.35, .75): 0.77
+    assert row["matched FA"] == 0.4
+    assert row["UT gain @matched"] == pytest.approx((0.8 + 0.77) / 2 - 0.6)
+    assert row["paper UT gain"] == pytest.approx(paper_result("tiny-qwen2moe", "ga", "uoe")[1]
+                                                 - paper_result("tiny-qwen2moe", "ga", "full")[1])  # fmt: skip
+    with pytest.raises(ValueError, match="no model has both"):
+        uoe_gains({"tiny-qwen2moe": grid}, ["npo"])
+
+
+def test_plot_tradeoffs_draws_one_curve_per_cell_of_the_first_seed():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    whole = [(0, 0.9, 0.9), (10, 0.5, 0.8), (20, 0.3, 0.4)]
+    grid = _grid([_path_record("ga", "full", 0, whole, 1e-3), _path_record("ga", "full", 1, whole, 1e-3),
+                  _path_record("ga", "uoe", 0, whole[:2], 1e-2)])  # fmt: skip
+    fig = plot_tradeoffs({"tiny-qwen2moe": grid}, references={"tiny-qwen2moe": {"oracle": (0.25, 0.9)}})
+    paper_ax, ours = fig.axes[:2]
+    assert [line.get_label() for line in ours.get_lines() if not line.get_label().startswith("_")] == [
+        "GA", "GA+UOE"]  # fmt: skip
+    assert ours.get_lines()[1].get_linestyle() == "--"  # UOE dashed
+    assert len(paper_ax.collections) > 0 and len(ours.collections) == 1  # paper points; the oracle
+    assert ours.xaxis_inverted()
+
+
+def test_whole_model_rmu_trains_rmus_published_set(setup):
+    world, model, tok, aff = setup
+    with pytest.raises(ValueError, match="rmu_layer"):
+        Baseline("rmu", "full")
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    cfg = UnlearnConfig(lr=1e-3, steps=2, eval_every=1, monitor_docs=4, max_length=64)
+    cell = Baseline("rmu", "full", options={"rmu_layer": 2})
+    assert cell.variant().scope.kind == "rmu"
+    evaluate = _likelihood_evaluator(tok, world)
+    grid = run_grid(model, tok, world.forget_corpus[:8], world.retain_corpus[:8], [cell], [0], cfg,
+                    evaluate=evaluate, model_name="tiny-qwen2moe", affinity=aff,
+                    keep=lambda cell, seed: True)  # fmt: skip
+    from uoe_nb.patches import apply_patch, revert_patch
+
+    patch = grid.results[("RMU", 0)].patch
+    apply_patch(model, patch)
+    changed = set(changed_parameters(model, state))
+    revert_patch(model, patch)
+    assert not changed_parameters(model, state)
+    layers = {m.layer_index: m for m in find_moe_layers(model)}
+    allowed = set()
+    for i in (0, 1, 2):  # the steered layer and the two below: every routed and shared expert
+        allowed |= set(layers[i].expert_parameters()) | set(layers[i].shared_parameters())
+    assert changed and changed <= allowed
+    assert any(".2." in n for n in changed) and not any(".3." in n for n in changed)
+    assert not any("gate.weight" in n and "shared" not in n for n in changed)  # routers frozen
+    assert 0 < grid.records[0].fraction < 1
+
+
+def test_lr_grid_by_scope_or_label():
+    from uoe_nb.baselines import _grid_for
+
+    by = {"full": (1e-4, 1e-3), "uoe": (1e-2,), "GA+UOE": (3e-2,)}
+    assert _grid_for(Baseline("ga", "full"), by) == [1e-4, 1e-3]
+    assert _grid_for(Baseline("ga", "uoe"), by) == [3e-2]  # the label wins
+    assert _grid_for(Baseline("npo", "uoe"), by) == [1e-2]
+    assert _grid_for(Baseline("ga", "uoe"), (1e-3, 1e-2)) == [1e-3, 1e-2]
+    with pytest.raises(ValueError, match="no grid for cell 'GA\\+LoRA'"):
+        _grid_for(Baseline("ga", "lora"), by)
+    with pytest.raises(ValueError, match="sequence of rates"):
+        _grid_for(Baseline("ga", "lora"), 1e-3)

@@ -36,7 +36,7 @@ from torch import nn
 from .diagnostics import OracleDistance, oracle_distance
 from .layer_study import Variant, run_variant
 from .routing import batches as make_batches
-from .scopes import Scope, describe_scopes
+from .scopes import Scope, describe_scopes, rmu_mlps
 from .tradeoff import LEVELS, OPERATING_POINT, LearningRateChoice, choose_learning_rate, tradeoff_table
 from .tradeoff import path as run_path
 from .unlearn import METHODS, PARTS, UnlearnConfig, UnlearnResult, takes_parts
@@ -57,8 +57,12 @@ __all__ = [
     "paper_frame",
     "paper_result",
     "parameter_ratios",
+    "COMPARISON_COLUMNS",
+    "comparison_frame",
+    "plot_tradeoffs",
     "run_grid",
     "summary_frame",
+    "uoe_gains",
 ]
 
 log = logging.getLogger(__name__)
@@ -231,7 +235,8 @@ class Baseline:
     """One cell of the comparison: an unlearning ``method`` over a ``scope``.
 
     ``method`` is one of :data:`uoe_nb.unlearn.METHODS`; ``scope`` one of
-    :data:`BASELINE_SCOPES` (``"full"`` is the method as published, on every parameter).
+    :data:`BASELINE_SCOPES` (``"full"`` is the method as published: every parameter, except for
+    RMU, whose published set is the MLPs of the three layers up to the steered one).
     ``lr`` overrides the grid config's learning rate; ``options`` overrides any other
     :class:`~uoe_nb.unlearn.UnlearnConfig` field (e.g. ``{"rmu_layer": 1}``), except the
     method, scope, learning rate, seed and anchor target, which the cell and the grid set.
@@ -258,6 +263,11 @@ class Baseline:
                 raise ValueError(f"option {key!r} is set by the baseline or the grid, not by options")
             if key not in known:
                 raise ValueError(f"unknown UnlearnConfig option {key!r}; known: {sorted(known - _RESERVED)}")
+        if self.method == "rmu" and self.scope == "full" and self.options.get("rmu_layer") is None:
+            raise ValueError(
+                "whole-model RMU trains RMU's published set, the MLPs of layers l-2..l below the steered "
+                "layer l: give it as options={'rmu_layer': l}"
+            )
 
     @property
     def label(self) -> str:
@@ -270,7 +280,11 @@ class Baseline:
 
     def variant(self) -> Variant:
         """The :class:`~uoe_nb.layer_study.Variant` that :func:`run_grid` unlearns with; UOE
-        uses the attributed target (anchor included)."""
+        uses the attributed target (anchor included). Whole-model RMU trains RMU's published
+        set, the MLPs of layers ``rmu_layer - 2 .. rmu_layer`` (:func:`uoe_nb.scopes.rmu_mlps`),
+        so it needs ``options={"rmu_layer": l}``."""
+        if self.method == "rmu" and self.scope == "full":
+            return Variant(self.label, rmu_mlps(), None, group=self.scope)
         return Variant(self.label, Scope.from_name(self.scope), None, group=self.scope)
 
 
@@ -497,9 +511,13 @@ class BaselineGrid:
         if not rows:
             raise ValueError("no run recorded a path with both FA and UT: evaluate the runs")
         frame = pd.DataFrame(rows)
-        reached = frame.groupby("label", sort=False)["reached op"].sum().astype(int)
-        out = frame.drop(columns=["reached op"]).groupby("label", sort=False).mean()
-        out["seeds at op"] = reached
+        groups = frame.groupby("label", sort=False)
+        # a level that one seed never reached has no mean over the seeds (nan, not the others' mean)
+        out = groups[[c for c in frame.columns if c not in ("label", "reached op")]].agg(
+            lambda col: col.mean(skipna=False)
+        )
+        out["UT@op sd"] = groups["UT@op"].std()
+        out["seeds at op"] = groups["reached op"].sum().astype(int)
         return out
 
     def paths(self, seed: int | None = None) -> dict[str, list[tuple[int, float, float]]]:
@@ -514,6 +532,131 @@ class BaselineGrid:
         self, *, benchmark: str | None = "WMDP", paper_model: str | None = None
     ) -> pd.DataFrame:
         return summary_frame(self.summaries(), benchmark=benchmark, paper_model=paper_model)
+
+
+# --------------------------------------------------------------------------------------
+# Tables and figures at matched forgetting (Chapter 6)
+# --------------------------------------------------------------------------------------
+
+COMPARISON_COLUMNS = ["paper FA", "paper UT", "lr", "FA@op", "UT@op", "UT@op sd", "seeds at op",
+                      "UT@FA<=0.5", "UT@FA<=0.4", "UT@FA<=0.3", "overlap forget", "trainable %"]  # fmt: skip
+
+
+def comparison_frame(
+    grid: BaselineGrid, labels: Sequence[str] | None = None, *, benchmark: str | None = "WMDP",
+    target: float = OPERATING_POINT,
+) -> pd.DataFrame:  # fmt: skip
+    """Tables 2 and 4 at the paper's operating point, one row per cell (``labels`` in order).
+
+    Beside the paper's FA and UT for the cell: the learning rate the sweep chose, our FA and
+    UT at the operating point (the first evaluated checkpoint with FA <= ``target``, or the
+    lowest FA a run reached; mean over seeds, UT's sd), how many seeds reached it, utility at
+    FA = 0.5, 0.4 and 0.3 interpolated along each run's path (``nan`` where a seed never got
+    there), the kept checkpoint's expert-selection overlap on forget text and the trainable
+    share. A label the grid did not run (a skipped whole-model cell) is an empty row.
+    """
+    summary = grid.summary_frame(benchmark=benchmark)
+    trade = grid.tradeoff_frame(target=target)
+    frame = trade.join(summary.drop(columns=[c for c in summary.columns if c in trade.columns]))
+    if benchmark is None:
+        frame = frame.assign(**{"paper FA": math.nan, "paper UT": math.nan})
+    return frame.reindex(list(labels) if labels is not None else list(frame.index))[COMPARISON_COLUMNS]
+
+
+def uoe_gains(
+    grids: Mapping[str, BaselineGrid], methods: Sequence[str], *, levels: Sequence[float] = LEVELS,
+    target: float = OPERATING_POINT,
+) -> pd.DataFrame:  # fmt: skip
+    """Utility with UOE minus utility on the whole model, per (model, method), at matched forgetting.
+
+    ``UT gain @op``: at the operating point (mean over seeds), with how many seeds of each
+    cell reached it (``op seeds whole/UOE``); compare it only where both did.
+    ``matched FA`` is the lowest of ``levels`` that every seed of both cells reached, and
+    ``UT gain @matched`` the gain there (interpolated along the paths), so a cell that
+    stopped short of the operating point is still compared at equal forgetting. The
+    paper's gain (Table 2) is beside ours. Cells a grid did not run are left out.
+    """
+    rows = []
+    for model, grid in grids.items():
+        frame = comparison_frame(grid, target=target)
+        for method in methods:
+            whole, one = baseline_label(method, "full"), baseline_label(method, "uoe")
+            if whole not in frame.index or one not in frame.index:
+                continue
+            a, b = frame.loc[whole], frame.loc[one]
+            both = [lv for lv in levels if not (math.isnan(a[f"UT@FA<={lv:g}"]) or math.isnan(b[f"UT@FA<={lv:g}"]))]
+            level = min(both) if both else math.nan
+            rows.append({
+                "model": model, "method": whole,
+                "paper UT gain": b["paper UT"] - a["paper UT"],
+                "UT gain @op": b["UT@op"] - a["UT@op"],
+                "op seeds whole/UOE": f"{int(a['seeds at op'])}/{int(b['seeds at op'])}",
+                "matched FA": level,
+                "UT gain @matched": (b[f"UT@FA<={level:g}"] - a[f"UT@FA<={level:g}"]) if both else math.nan,
+            })  # fmt: skip
+    if not rows:
+        raise ValueError("no model has both the whole-model and the UOE cell of any method given")
+    return pd.DataFrame(rows).set_index(["model", "method"])
+
+
+METHOD_COLOURS = {"ga": "tab:blue", "graddiff": "tab:orange", "npo": "tab:green", "simnpo": "tab:purple",
+                  "rmu": "tab:red"}  # fmt: skip
+SCOPE_STYLES = {"full": ("-", "o"), "uoe": ("--", "*"), "lora": (":", "s"), "esft": ("-.", "D")}
+
+
+def plot_tradeoffs(
+    grids: Mapping[str, BaselineGrid],
+    labels: Sequence[str] | None = None,
+    *,
+    references: Mapping[str, Mapping[str, tuple[float, float]]] | None = None,
+    paper_models: Sequence[str] = ("Qwen1.5-MoE", "DeepSeek-V2-Lite"),
+    benchmark: str = "WMDP",
+    target: float = OPERATING_POINT,
+    chance: float = 0.25,
+):
+    """Forget accuracy against utility along each cell's path (its first seed), one panel per
+    model, and a first panel with the paper's Table 2 and 4 points on the same axes.
+
+    Colour is the method, line style and marker the scope (whole model solid, UOE dashed,
+    LoRA dotted, ESFT dash-dot); ``references[model]`` adds labelled points such as
+    ``{"before": (FA, UT), "oracle": (FA, UT)}``. Dotted lines mark chance, dashed ones the
+    operating point. Returns the figure.
+    """
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 1 + len(grids), figsize=(4.2 * (1 + len(grids)), 4.0), sharey=False)
+    paper = paper_frame(benchmark).reset_index()
+    for _, row in paper[paper["model"].isin(list(paper_models))].iterrows():
+        faded = 1.0 if row["model"] == paper_models[0] else 0.45
+        if row["method"] == "original":
+            axes[0].scatter(row["FA"], row["UT"], color="k", marker="x", s=50, alpha=faded)
+            continue
+        if labels is not None and baseline_label(row["method"], row["scope"]) not in labels:
+            continue
+        axes[0].scatter(row["FA"], row["UT"], color=METHOD_COLOURS.get(row["method"], "grey"),
+                        marker=SCOPE_STYLES.get(row["scope"], ("-", "o"))[1], s=60, alpha=faded)  # fmt: skip
+    axes[0].set_title(f"paper ({paper_models[0]} solid, x pretrained)", fontsize=9)
+    for ax, (model, grid) in zip(axes[1:], grids.items(), strict=True):
+        seed = grid.records[0].seed if grid.records else None
+        for rec in grid.records:
+            if rec.seed != seed or not rec.path or (labels is not None and rec.label not in labels):
+                continue
+            style, marker = SCOPE_STYLES.get(rec.scope, ("-", "o"))
+            ax.plot([p[1] for p in rec.path], [p[2] for p in rec.path], ls=style, marker=marker, ms=4,
+                    color=METHOD_COLOURS.get(rec.method, "grey"), label=rec.label)  # fmt: skip
+        for name, (fa, ut) in ((references or {}).get(model) or {}).items():
+            ax.scatter(fa, ut, color="k", marker="P" if name == "oracle" else "x", s=60, zorder=3)
+            ax.annotate(name, (fa, ut), fontsize=7, xytext=(4, -10), textcoords="offset points")
+        ax.set_title(f"ours: {model} (seed {seed})", fontsize=9)
+    for ax in axes:
+        ax.axvline(chance, color="grey", ls=":", lw=1)
+        ax.axvline(target, color="black", ls="--", lw=0.8)
+        ax.invert_xaxis()
+        ax.set_xlabel("forget accuracy (lower: more forgotten)")
+    axes[0].set_ylabel("utility accuracy")
+    axes[-1].legend(fontsize=6, loc="lower left")
+    fig.tight_layout()
+    return fig
 
 
 # --------------------------------------------------------------------------------------
@@ -554,6 +697,21 @@ def _plain_model(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
+def _grid_for(baseline: Baseline, lr_grid: Sequence[float] | Mapping[str, Sequence[float]]) -> list[float]:
+    """The learning-rate grid of one cell: ``lr_grid`` itself, or its entry for the cell's label or scope."""
+    if isinstance(lr_grid, Mapping):
+        for key in (baseline.label, baseline.scope):
+            if key in lr_grid:
+                return list(lr_grid[key])
+        raise ValueError(
+            f"lr_grid has no grid for cell {baseline.label!r}: add its label or its scope {baseline.scope!r} "
+            f"(it has {sorted(lr_grid)})"
+        )
+    if isinstance(lr_grid, str | bytes) or not isinstance(lr_grid, Sequence):
+        raise ValueError(f"lr_grid must be a sequence of rates or a mapping to one, got {lr_grid!r}")
+    return list(lr_grid)
+
+
 def run_grid(
     base_model: nn.Module,
     tokenizer: Any,
@@ -571,7 +729,7 @@ def run_grid(
     oracle_texts: tuple[Sequence[str], Sequence[str]] | None = None,
     oracle_batch_size: int = 16,
     keep: Callable[[Baseline, int], bool] | None = None,
-    lr_grid: Sequence[float] | None = None,
+    lr_grid: Sequence[float] | Mapping[str, Sequence[float]] | None = None,
     operating_target: float = OPERATING_POINT,
 ) -> BaselineGrid:
     """Unlearn ``base_model`` for every baseline and seed (Tables 2 and 4; Chapter 6).
@@ -594,6 +752,9 @@ def run_grid(
     cell's ``lr``: :func:`uoe_nb.tradeoff.choose_learning_rate` on the first seed (the rate
     whose run reaches ``operating_target`` with the best utility), then the other seeds at
     that rate; ``grid.lr_choices`` holds each cell's sweep and every record its rate.
+    ``lr_grid`` is one grid for every cell, or a mapping from a cell's label (``"GA+UOE"``)
+    or its scope (``"uoe"``) to its grid (the label wins): a one-expert scope needs larger
+    rates than the whole model.
     """
     baselines = list(baselines)
     seeds = list(seeds)
@@ -614,6 +775,8 @@ def run_grid(
         raise ValueError("give both oracle and oracle_texts=(forget_texts, retain_texts), or neither")
     if not forget:
         raise ValueError("the forget set is empty: give at least one forget document")
+
+    grids = {b.label: _grid_for(b, lr_grid) for b in baselines} if lr_grid is not None else {}
 
     before = dict(evaluate(base_model) if before is None else before)
     for key in ("forget_accuracy", "utility_accuracy"):
@@ -695,7 +858,7 @@ def run_grid(
                 tried[rate] = one(baseline, seeds[0], rate)
                 return tried[rate][1]
 
-            choices[baseline.label] = choose_learning_rate(run_at, lr_grid, target=operating_target)
+            choices[baseline.label] = choose_learning_rate(run_at, grids[baseline.label], target=operating_target)
             lr = choices[baseline.label].lr
         for seed in seeds:
             record, result = tried[lr] if (lr in tried and seed == seeds[0]) else one(baseline, seed, lr)

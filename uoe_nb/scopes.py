@@ -283,13 +283,16 @@ def random_expert(layer: int | None = None, *, include_router: bool = True) -> S
     return Scope("random_expert", layer=layer, include_router=include_router)
 
 
-def rmu_mlps(layer: int) -> Scope:
+def rmu_mlps(layer: int | None = None) -> Scope:
     """RMU's published parameter set (Li et al. 2024; the paper's RMU baseline, Chapters 2 and 6):
     the MLPs of decoder layers ``layer - 2`` to ``layer``, where ``layer`` is the one whose
     output the control vector steers. In an MoE layer the MLP is every routed expert and the
     shared experts (the paper unlearns all experts of those layers); routers, attention and
-    embeddings stay frozen. A dense layer in that range (DeepSeek's first) trains its MLP."""
-    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+    embeddings stay frozen. A dense layer in that range (DeepSeek's first) trains its MLP.
+
+    Without ``layer`` the scope follows the run: :func:`uoe_nb.unlearn.unlearn` takes the
+    config's ``rmu_layer`` (which it then requires), so one cell describes RMU on any depth."""
+    if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or layer < 0):
         raise ValueError(f"rmu_mlps needs the steered layer as a non-negative int, got {layer!r}")
     return Scope("rmu", layer=layer)
 
@@ -732,6 +735,11 @@ def _apply_experts(
         target_layer = layer_index
         head, details = "Random expert", [f"layer {layer_index}", f"expert {expert}"]
     elif kind == "rmu":
+        if scope.layer is None:
+            raise ValueError(
+                f"scope {label!r} has no steered layer: give rmu_mlps(layer), or run it through "
+                "uoe_nb.unlearn.unlearn with rmu_layer set, which fills it in"
+            )
         _, decoder = decoder_layers(model)
         if scope.layer >= len(decoder):
             raise IndexError(f"scope {label!r}: layer {scope.layer} is out of range (0..{len(decoder) - 1})")

@@ -112,8 +112,8 @@ def tradeoff_table(
     """One row per run: utility at each forget ``level``, at the lowest FA reached, and at ``target``.
 
     Columns ``UT@FA<=0.5`` ... (interpolated, ``nan`` where the run never got there),
-    ``lowest FA``, ``UT@lowest``, ``UT@op`` (the operating point's checkpoint) and
-    ``reached op``. Keys of ``runs`` become the index.
+    ``lowest FA``, ``UT@lowest``, ``FA@op`` and ``UT@op`` (the operating point's checkpoint)
+    and ``reached op``. Keys of ``runs`` become the index.
     """
     rows = {}
     for label, run in runs.items():
@@ -121,7 +121,8 @@ def tradeoff_table(
         low = min(pts, key=lambda p: (p[1], -p[2]))
         op = operating_point(pts, target)
         row = {f"UT@FA<={lv:g}": utility_at(pts, lv) for lv in levels}
-        row.update({"lowest FA": low[1], "UT@lowest": low[2], "UT@op": op["UT"], "reached op": op["reached"]})
+        row.update({"lowest FA": low[1], "UT@lowest": low[2], "FA@op": op["FA"], "UT@op": op["UT"],
+                    "reached op": op["reached"]})  # fmt: skip
         rows[label] = row
     return pd.DataFrame.from_dict(rows, orient="index")
 

@@ -41,6 +41,7 @@ holds no gradients, no optimizer state and no trained-row wrappers.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import logging
 import math
@@ -639,6 +640,10 @@ def unlearn(
     run.decoder_layers = _decoder_layers(model)
 
     scope = config.scope if isinstance(config.scope, Scope) else Scope.from_name(config.scope)
+    if scope.kind == "rmu" and scope.layer is None:  # rmu_mlps(): the MLPs below the steered layer
+        if config.rmu_layer is None:
+            raise ValueError("scope rmu_mlps() takes its layer from rmu_layer: set rmu_layer (the steered layer)")
+        scope = dataclasses.replace(scope, layer=config.rmu_layer)
     try:
         moe_layers = find_moe_layers(model)
     except Exception:  # dense model: only scopes that do not need experts will work
