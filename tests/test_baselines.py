@@ -17,6 +17,7 @@ from uoe_nb.baselines import (
     Stat,
     aggregate,
     comparison_frame,
+    oracle_frame,
     paper_frame,
     paper_result,
     parameter_ratios,
@@ -417,3 +418,15 @@ def test_lr_grid_by_scope_or_label():
         _grid_for(Baseline("ga", "lora"), by)
     with pytest.raises(ValueError, match="sequence of rates"):
         _grid_for(Baseline("ga", "lora"), 1e-3)
+
+
+def test_oracle_frame_puts_the_references_first():
+    recs = [_record(0.3, 0.7, s, oracle=OracleDistance(kl_forget=2.0 + s, kl_retain=0.5)) for s in (0, 1)]
+    frame = oracle_frame(_grid(recs), {"oracle": {"forget_accuracy": 0.25, "utility_accuracy": 0.9,
+                                                  "kl_forget": 0.0, "kl_retain": 0.0}})  # fmt: skip
+    assert list(frame.index) == ["oracle", "GA+UOE"]
+    assert frame.loc["GA+UOE", "KL forget"] == pytest.approx(2.5)
+    assert frame.loc["GA+UOE", "KL forget sd"] == pytest.approx(math.sqrt(0.5))
+    assert math.isnan(frame.loc["oracle", "KL forget sd"])
+    with pytest.raises(ValueError, match="no distance to an oracle"):
+        oracle_frame(_grid([_record(0.3, 0.7, 0)]), {})

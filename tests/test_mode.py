@@ -273,3 +273,13 @@ def test_load_model_on_a_cpu_loads_fp32_without_a_device_map(monkeypatch, fake_h
         "allenai/OLMoE-1B-7B-0125-Instruct",
         {"dtype": torch.float32, "device_map": None},
     )
+
+
+def test_model_depth_reads_the_configuration_without_loading():
+    from uoe_nb import mode as M
+    from uoe_nb.scale import architecture_config
+
+    assert M.model_depth("tiny-qwen2moe") == 4  # the zoo's four-layer models
+    assert M.model_depth("olmoe-1b-7b") == architecture_config("olmoe-1b-7b").num_hidden_layers == 16
+    with pytest.raises(ValueError, match="zoo name"):
+        M.model_depth("")

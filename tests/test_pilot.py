@@ -1,5 +1,6 @@
 """Tables of the pilot study (uoe_nb.pilot) from hand-made run histories."""
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -77,3 +78,39 @@ def test_paper_frame():
     frame = paper_frame(PAPER_TABLE1)
     assert frame.loc[("Qwen1.5-MoE", "original"), "UT"] == pytest.approx(0.5979)
     assert len(frame) == 8
+
+
+def test_sweep_row_reads_the_chosen_run_at_the_operating_point():
+    from uoe_nb.pilot import sweep_table
+    from uoe_nb.tradeoff import LearningRateChoice
+
+    chosen = fake_result()  # FA 0.9 -> 0.5 -> 0.3, UT 0.95 -> 0.85 -> 0.40
+    slow = [(0, 0.9, 0.95), (10, 0.6, 0.9)]
+    choice = LearningRateChoice(lr=1e-3, reached=True, table=None, runs={1e-3: chosen, 1e-4: slow})
+    table = sweep_table([({"model": "m", "method": "ga"}, choice),
+                         ({"model": "m", "method": "npo"}, LearningRateChoice(1e-4, False, None, {1e-4: slow}))])
+    first, second = table.iloc[0], table.iloc[1]
+    assert (first["model"], first["lr"], first["step"], first["FA"], first["UT"]) == ("m", 1e-3, 20, 0.3, 0.4)
+    assert first["reached op"] and first["forget_drop"] == pytest.approx(0.6)
+    assert first["utility_drop"] == pytest.approx(0.55)
+    assert first["UT@FA<=0.5"] == pytest.approx(0.85) and first["UT@FA<=0.4"] == pytest.approx(0.625)
+    assert not second["reached op"] and second["FA"] == 0.6 and math.isnan(second["UT@FA<=0.5"])
+
+
+def test_pilot_figures_draw_each_run():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from uoe_nb.pilot import plot_fig1a, plot_fig3, plot_fig6
+
+    run = fake_result()
+    fig = plot_fig1a({("tiny-qwen2moe", "ga"): run, ("tiny-dense", "ga"): run}, dense=["tiny-dense"])
+    ours = fig.axes[1]
+    styles = [line.get_linestyle() for line in ours.get_lines() if not line.get_label().startswith("_")]
+    assert styles == ["-", "--"] and ours.xaxis_inverted()
+    assert len(fig.axes[0].collections) >= 6  # the paper's points: 2 models x 3 rows
+    fig3 = plot_fig3(run, {"full": run, "routers": run})
+    assert len(fig3.axes[0].get_lines()) == 2  # overlap of MoE layers 1 and 3
+    assert len([ln for ln in fig3.axes[1].get_lines()]) == 2
+    fig6 = plot_fig6(proportion_shift(run, 1), 1)
+    assert len(fig6.axes[0].patches) == 6  # 3 experts x before/after

@@ -535,3 +535,18 @@ def test_rmu_mlps_trains_the_mlps_of_the_steered_layer_and_the_two_below(family)
         S.apply_scope(model, S.rmu_mlps(7))
     with pytest.raises(ValueError, match="non-negative int"):
         S.rmu_mlps(-1)
+
+
+def test_rmu_mlps_on_a_dense_model_trains_its_mlps_and_needs_a_layer():
+    from uoe_nb.zoo import load_zoo_model
+
+    model, _ = load_zoo_model("tiny-dense")
+    ref = _snapshot(model)
+    result = S.apply_scope(model, S.rmu_mlps(1))
+    assert result.name == "RMU's MLPs (layers 0-1, MLPs)"
+    _train(result)
+    changed = changed_parameters(model, ref)
+    assert changed and all(".mlp." in n and int(n.split(".")[2]) <= 1 for n in changed)
+    assert {int(n.split(".")[2]) for n in changed} == {0, 1}
+    with pytest.raises(ValueError, match="no steered layer"):
+        S.apply_scope(model, S.rmu_mlps())

@@ -479,3 +479,15 @@ def test_the_published_baselines_train_without_the_anchor(world, monkeypatch):
     assert calls == []
     _run(world, "ga", "uoe", steps=1, lr=1e-4, evaluate=False, target=(0, 2))
     assert calls == [1]
+
+
+def test_rmu_scope_without_a_layer_takes_rmu_layer(world):
+    from uoe_nb.scopes import rmu_mlps
+
+    model, tok = _fresh()
+    forget, retain = world.forget_corpus[:4], world.retain_corpus[:4]
+    with pytest.raises(ValueError, match="set rmu_layer"):
+        unlearn(model, forget, retain, UnlearnConfig(method="rmu", scope=rmu_mlps(), steps=1), tokenizer=tok)
+    result = unlearn(model, forget, retain, UnlearnConfig(method="rmu", scope=rmu_mlps(), rmu_layer=1, steps=1),
+                     tokenizer=tok)  # fmt: skip
+    assert result.scope.name == "RMU's MLPs (layers 0-1, all experts)" and result.scope.scope.layer == 1

@@ -59,6 +59,7 @@ __all__ = [
     "parameter_ratios",
     "COMPARISON_COLUMNS",
     "comparison_frame",
+    "oracle_frame",
     "plot_tradeoffs",
     "run_grid",
     "summary_frame",
@@ -597,6 +598,29 @@ def uoe_gains(
     if not rows:
         raise ValueError("no model has both the whole-model and the UOE cell of any method given")
     return pd.DataFrame(rows).set_index(["model", "method"])
+
+
+def oracle_frame(grid: BaselineGrid, references: Mapping[str, Mapping[str, float]]) -> pd.DataFrame:
+    """Distance to the retrain oracle, one row per reference and per cell (mean and sd over seeds).
+
+    ``references`` maps a label (``"oracle"``, ``"before"``) to its ``forget_accuracy``,
+    ``utility_accuracy``, ``kl_forget`` and ``kl_retain``; they come first. The cells' FA and
+    UT are those of their kept checkpoints, the KL divergences (nats per token) those
+    :func:`run_grid` measured with an oracle.
+    """
+    rows = {
+        label: {"FA": ref["forget_accuracy"], "UT": ref["utility_accuracy"], "KL forget": ref["kl_forget"],
+                "KL forget sd": math.nan, "KL retain": ref["kl_retain"], "KL retain sd": math.nan}
+        for label, ref in references.items()
+    }  # fmt: skip
+    frame = grid.summary_frame(benchmark=None)
+    if "KL oracle forget mean" not in frame.columns:
+        raise ValueError("the grid measured no distance to an oracle: run it with oracle= and oracle_texts=")
+    for label, row in frame.iterrows():
+        rows[label] = {"FA": row["FA mean"], "UT": row["UT mean"], "KL forget": row["KL oracle forget mean"],
+                       "KL forget sd": row["KL oracle forget sd"], "KL retain": row["KL oracle retain mean"],
+                       "KL retain sd": row["KL oracle retain sd"]}  # fmt: skip
+    return pd.DataFrame(rows).T.astype(float)
 
 
 METHOD_COLOURS = {"ga": "tab:blue", "graddiff": "tab:orange", "npo": "tab:green", "simnpo": "tab:purple",

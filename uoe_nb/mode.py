@@ -41,6 +41,7 @@ __all__ = [
     "gpu_memory",
     "load_model",
     "memory_need",
+    "model_depth",
     "preset_for_gpu_memory",
     "training_fits",
 ]
@@ -209,6 +210,27 @@ def default_model(mode: str | None = None) -> str:
         return DEFAULT_TINY_MODEL
     memory = gpu_memory()
     return preset_for_gpu_memory(memory[1]) if memory is not None else DEFAULT_FULL_MODEL
+
+
+def model_depth(name: str) -> int:
+    """Decoder layers of a zoo model, a preset or a hub id, read from its configuration (no
+    weights loaded): a chapter sets a depth-relative setting (RMU's layer) before it loads."""
+    from . import scale
+    from .zoo import ZOO, zoo_dir
+
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"model must be a zoo name, a preset name or a hub id, got {name!r}")
+    if name in ZOO:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(zoo_dir() / name)
+    elif name in scale.ARCHITECTURES:
+        config = scale.architecture_config(name)
+    else:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(PRESETS[name].hub_id if name in PRESETS else name)
+    return int(config.get_text_config().num_hidden_layers)
 
 
 # --------------------------------------------------------------------------- counted memory

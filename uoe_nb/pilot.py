@@ -4,25 +4,35 @@ Section 3 of the paper runs GA, GradDiff, NPO and RMU on MoE and dense LLMs and 
 forget-accuracy drop against the utility drop (Fig. 1a), ablates which modules are tunable
 (Table 1), follows the expert-selection overlap and the forget loss over the iterations
 (Fig. 3) and the forget text's token proportions over the experts of one layer (Fig. 6).
-These helpers turn :class:`uoe_nb.unlearn.UnlearnResult` objects into those tables; the
-runs themselves are ordinary :func:`uoe_nb.unlearn.unlearn` calls.
+These helpers turn :class:`uoe_nb.unlearn.UnlearnResult` objects into those tables and
+figures; the runs themselves are ordinary :func:`uoe_nb.unlearn.unlearn` calls, each
+cell's learning rate from :func:`uoe_nb.tradeoff.choose_learning_rate`, and runs are
+compared at the paper's operating point (:func:`sweep_table`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import pandas as pd
 
+from .tradeoff import LEVELS, OPERATING_POINT, operating_point, path, utility_at
+
 __all__ = [
     "PAPER_BASELINES",
     "PAPER_TABLE1",
+    "METHOD_COLOURS",
     "drop_row",
     "drop_table",
     "history_frame",
     "paper_frame",
+    "plot_fig1a",
+    "plot_fig3",
+    "plot_fig6",
     "proportion_shift",
+    "sweep_row",
+    "sweep_table",
 ]
 
 # Table 1 of the paper: GA on WMDP with different tunable modules (FA = forget accuracy,
@@ -126,3 +136,118 @@ def proportion_shift(result: Any, layer: int, step: int | None = None) -> pd.Dat
     frame = pd.DataFrame({"before": before[layer], "after": rec.proportions_forget[layer]})
     frame.index.name = "expert"
     return frame.sort_values("before", ascending=False, kind="stable")
+
+
+# --------------------------------------------------------------------------------------
+# Runs compared at the operating point (the learning-rate sweep of Chapter 2)
+# --------------------------------------------------------------------------------------
+
+
+def sweep_row(choice: Any, target: float = OPERATING_POINT, **labels: Any) -> dict[str, Any]:
+    """The chosen run of a :class:`uoe_nb.tradeoff.LearningRateChoice` at the operating point.
+
+    ``FA`` and ``UT`` are read where the run first reached FA <= ``target`` (or at the
+    lowest FA it reached, ``reached op`` False); the drops are from step 0, as in Fig. 1a;
+    ``UT@FA<=l`` is utility where the path crossed each level of
+    :data:`uoe_nb.tradeoff.LEVELS` (interpolated, ``nan`` if it never did).
+    """
+    points = path(choice.runs[choice.lr])
+    op = operating_point(points, target)
+    fa0, ut0 = points[0][1], points[0][2]
+    row = {**labels, "lr": choice.lr, "reached op": op["reached"], "step": op["step"], "FA_0": fa0,
+           "UT_0": ut0, "FA": op["FA"], "UT": op["UT"], "forget_drop": fa0 - op["FA"],
+           "utility_drop": ut0 - op["UT"]}  # fmt: skip
+    row.update({f"UT@FA<={lv:g}": utility_at(points, lv) for lv in LEVELS})
+    return row
+
+
+def sweep_table(choices: Iterable[tuple[dict[str, Any], Any]], target: float = OPERATING_POINT) -> pd.DataFrame:
+    """:func:`sweep_row` for each ``(labels, choice)`` pair, as one frame."""
+    return pd.DataFrame([sweep_row(choice, target, **labels) for labels, choice in choices])
+
+
+METHOD_COLOURS = {"ga": "tab:blue", "graddiff": "tab:orange", "npo": "tab:green", "rmu": "tab:red",
+                  "simnpo": "tab:purple"}  # fmt: skip
+
+
+def plot_fig1a(
+    runs: Mapping[tuple[str, str], Any],
+    dense: Sequence[str] = (),
+    *,
+    paper: Mapping[str, Mapping[str, tuple[float, float]]] = PAPER_BASELINES,
+    target: float = OPERATING_POINT,
+    chance: float = 0.25,
+    title: str = "ours",
+):
+    """Fig. 1a as trade-off curves: utility against forget accuracy along each run's path.
+
+    ``runs`` maps ``(model, method)`` to a run (its history, or its path); colour is the
+    method, models listed in ``dense`` are dashed, MoE models solid. The first panel holds the
+    paper's whole-model points (Table 2: pretrained as x, GA and RMU) on the same axes.
+    Dashed vertical line: the operating point; dotted: chance. Returns the figure.
+    """
+    import matplotlib.pyplot as plt
+
+    fig, (ax_paper, ax_ours) = plt.subplots(1, 2, figsize=(10, 4))
+    for i, (model, entries) in enumerate(paper.items()):
+        marker = "os^D"[i % 4]
+        for row, (fa, ut) in entries.items():
+            colour = "k" if row == "original" else METHOD_COLOURS.get(row, "grey")
+            ax_paper.scatter(fa, ut, color=colour, marker="x" if row == "original" else marker, s=60)
+        ax_paper.scatter([], [], color="grey", marker=marker, label=model)
+    ax_paper.set_title("paper, whole model (x pretrained)", fontsize=9)
+    ax_paper.legend(fontsize=7)
+    for (model, method), run in runs.items():
+        points = path(run)
+        ax_ours.plot([p[1] for p in points], [p[2] for p in points], marker="o", ms=3,
+                     ls="--" if model in dense else "-", color=METHOD_COLOURS.get(method, "grey"),
+                     label=f"{model.replace('tiny-', '')} {method.upper()}")  # fmt: skip
+    ax_ours.set_title(f"{title} (dense dashed)", fontsize=9)
+    ax_ours.legend(fontsize=6, ncol=2)
+    for ax in (ax_paper, ax_ours):
+        ax.axvline(chance, color="grey", ls=":", lw=1)
+        ax.axvline(target, color="k", ls="--", lw=0.8)
+        ax.invert_xaxis()
+        ax.set_xlabel("forget accuracy (lower: more forgotten)")
+        ax.set_ylabel("utility accuracy")
+    fig.tight_layout()
+    return fig
+
+
+def plot_fig3(run: Any, scope_runs: Mapping[str, Any], title: str = ""):
+    """Fig. 3: (a) the expert-selection overlap per MoE layer over the iterations of ``run``;
+    (b) the forget-set loss of each run in ``scope_runs`` (label -> run). Returns the figure."""
+    import matplotlib.pyplot as plt
+
+    fig, (ax_a, ax_b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    history = history_frame(run)
+    history[[c for c in history.columns if c.startswith("overlap")]].plot(ax=ax_a, marker="o")
+    ax_a.set_xlabel("unlearning step")
+    ax_a.set_ylabel("expert-selection overlap with the original")
+    ax_a.set_title(f"(a) {title}: overlap per MoE layer", fontsize=9)
+    for label, result in scope_runs.items():
+        h = history_frame(result)
+        ax_b.plot(h.index[1:], h.forget_loss.iloc[1:], marker="o", label=label)
+    ax_b.set_xlabel("unlearning step")
+    ax_b.set_ylabel("forget-set NLL (GA pushes it up)")
+    ax_b.set_title("(b) forget loss by tunable module", fontsize=9)
+    ax_b.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_fig6(props: pd.DataFrame, layer: int, after: str = "after"):
+    """Fig. 6: the forget tokens' shares over the experts of ``layer``, before and after
+    (:func:`proportion_shift`'s frame, sorted by the original share). Returns the figure."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.4))
+    pos = range(len(props))
+    ax.bar([p - 0.2 for p in pos], props.before, width=0.4, label="original")
+    ax.bar([p + 0.2 for p in pos], props.after, width=0.4, label=after)
+    ax.set_xticks(list(pos), [str(e) for e in props.index], fontsize=7)
+    ax.set_xlabel(f"expert of layer {layer} (sorted by original share)")
+    ax.set_ylabel("share of forget-token assignments")
+    ax.legend()
+    fig.tight_layout()
+    return fig

@@ -177,7 +177,7 @@ class Scope:
     @property
     def moe_only(self) -> bool:
         """Whether the scope only makes sense on a mixture-of-experts model."""
-        return self.kind not in ("full", "lora")
+        return self.kind not in ("full", "lora", "rmu")  # RMU's MLPs exist in a dense model too
 
     @property
     def label(self) -> str:
@@ -749,7 +749,7 @@ def _apply_experts(
         shared = [i for i in span if i in by_index and by_index[i].shared_parameters()]
         dense = [i for i in span if i not in by_index]
         target_layer = scope.layer
-        head, details = "RMU's MLPs", [f"layers {span[0]}-{span[-1]}", "all experts"]
+        head, details = "RMU's MLPs", [f"layers {span[0]}-{span[-1]}", "all experts" if experts else "MLPs"]
     elif kind == "esft":
         for lay in layers:
             vec = _need_affinity(affinity, lay.layer_index, label)

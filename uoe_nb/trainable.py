@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .moe import MoELayer, decoder_layers, find_moe_layers, moe_layer
+from .moe import MoELayer, NoMoELayersError, decoder_layers, find_moe_layers, moe_layer
 
 __all__ = [
     "MasterWeights",
@@ -281,7 +281,12 @@ def make_trainable(
     dense = sorted({int(d) for d in dense_mlps})
     if not experts and not routers and not shared and not dense:
         raise ValueError("nothing to train: give at least one expert, router or shared-expert layer")
-    layers = find_moe_layers(model)
+    try:
+        layers = find_moe_layers(model)
+    except NoMoELayersError:
+        if experts or routers or shared:
+            raise
+        layers = []  # a dense model: only its MLPs can train (RMU's set)
     chosen_layers: list[tuple[MoELayer, list[int]]] = []
     for layer_index, chosen in experts.items():
         layer = moe_layer(model, layer_index, layers)
