@@ -335,7 +335,7 @@ def test_comparison_frame_and_gains_are_read_off_the_paths():
                   _path_record("ga", "uoe", 0, uoe0, 1e-2), _path_record("ga", "uoe", 1, uoe1, 1e-2)])  # fmt: skip
     frame = comparison_frame(grid, ["GA", "GA+UOE", "GA+LoRA"])
     assert list(frame.columns) == COMPARISON_COLUMNS and list(frame.index) == ["GA", "GA+UOE", "GA+LoRA"]
-    assert frame.loc["GA", "lr"] == 1e-3 and frame.loc["GA+UOE", "lr"] == 1e-2
+    assert frame.loc["GA", "lr"] == "0.001" and frame.loc["GA+UOE", "lr"] == "0.01"
     assert frame.loc["GA", "paper UT"] == pytest.approx(0.3393)
     assert frame.loc["GA", "UT@op"] == pytest.approx(0.4) and frame.loc["GA", "seeds at op"] == 2
     # UOE at op: seed 0's checkpoint at FA 0.2 (UT 0.7), seed 1's lowest FA 0.35 (UT 0.75)

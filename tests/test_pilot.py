@@ -90,7 +90,7 @@ def test_sweep_row_reads_the_chosen_run_at_the_operating_point():
     table = sweep_table([({"model": "m", "method": "ga"}, choice),
                          ({"model": "m", "method": "npo"}, LearningRateChoice(1e-4, False, None, {1e-4: slow}))])
     first, second = table.iloc[0], table.iloc[1]
-    assert (first["model"], first["lr"], first["step"], first["FA"], first["UT"]) == ("m", 1e-3, 20, 0.3, 0.4)
+    assert (first["model"], first["lr"], first["step"], first["FA"], first["UT"]) == ("m", "0.001", 20, 0.3, 0.4)
     assert first["reached op"] and first["forget_drop"] == pytest.approx(0.6)
     assert first["utility_drop"] == pytest.approx(0.55)
     assert first["UT@FA<=0.5"] == pytest.approx(0.85) and first["UT@FA<=0.4"] == pytest.approx(0.625)

@@ -549,7 +549,8 @@ def comparison_frame(
 ) -> pd.DataFrame:  # fmt: skip
     """Tables 2 and 4 at the paper's operating point, one row per cell (``labels`` in order).
 
-    Beside the paper's FA and UT for the cell: the learning rate the sweep chose, our FA and
+    Beside the paper's FA and UT for the cell: the learning rate the sweep chose (as text, so
+    that rounding the table keeps it), our FA and
     UT at the operating point (the first evaluated checkpoint with FA <= ``target``, or the
     lowest FA a run reached; mean over seeds, UT's sd), how many seeds reached it, utility at
     FA = 0.5, 0.4 and 0.3 interpolated along each run's path (``nan`` where a seed never got
@@ -561,6 +562,7 @@ def comparison_frame(
     frame = trade.join(summary.drop(columns=[c for c in summary.columns if c in trade.columns]))
     if benchmark is None:
         frame = frame.assign(**{"paper FA": math.nan, "paper UT": math.nan})
+    frame["lr"] = frame["lr"].map(lambda lr: f"{lr:g}")  # a label, kept readable when a table is rounded
     return frame.reindex(list(labels) if labels is not None else list(frame.index))[COMPARISON_COLUMNS]
 
 

@@ -149,12 +149,13 @@ def sweep_row(choice: Any, target: float = OPERATING_POINT, **labels: Any) -> di
     ``FA`` and ``UT`` are read where the run first reached FA <= ``target`` (or at the
     lowest FA it reached, ``reached op`` False); the drops are from step 0, as in Fig. 1a;
     ``UT@FA<=l`` is utility where the path crossed each level of
-    :data:`uoe_nb.tradeoff.LEVELS` (interpolated, ``nan`` if it never did).
+    :data:`uoe_nb.tradeoff.LEVELS` (interpolated, ``nan`` if it never did). ``lr`` is the chosen
+    rate as text, so that rounding the table keeps it.
     """
     points = path(choice.runs[choice.lr])
     op = operating_point(points, target)
     fa0, ut0 = points[0][1], points[0][2]
-    row = {**labels, "lr": choice.lr, "reached op": op["reached"], "step": op["step"], "FA_0": fa0,
+    row = {**labels, "lr": f"{choice.lr:g}", "reached op": op["reached"], "step": op["step"], "FA_0": fa0,
            "UT_0": ut0, "FA": op["FA"], "UT": op["UT"], "forget_drop": fa0 - op["FA"],
            "utility_drop": ut0 - op["UT"]}  # fmt: skip
     row.update({f"UT@FA<={lv:g}": utility_at(points, lv) for lv in LEVELS})
