@@ -16,12 +16,14 @@ the hub, and nothing else:
   and ``mmlu`` on its utility questions through the same lm-eval path tiny mode uses.
 
 It also counts the questions ``uoe_nb.attacks.measure_mc`` scores (each item without and with
-the suffix), which a chapter's plan includes.
+the suffix) and those the attacks of ``uoe_nb.robustness`` score (relearning, quantization,
+routing; Chapter 7), which a chapter's plan includes, and counts each relearning attack's
+fine-tune as a run of the optimizer steps it requested.
 
 It also builds lm-eval's task index (``lm_eval.tasks.TaskManager``, 10-15 s here) only when
 something reads it, which the faked ``lm_eval_tasks`` never does, caps every unlearning
-run at ``max_steps`` steps and every GCG attack at two steps of eight candidates (full-mode
-budgets are hundreds or thousands of steps). The point is to
+run and every relearning attack at ``max_steps`` steps and every GCG attack at two steps of
+eight candidates (full-mode budgets are hundreds or thousands of steps). The point is to
 execute every full-mode line of a chapter; its numbers mean nothing, so science asserts that
 hold only for real budgets may fail and are reported separately by the test.
 
@@ -242,6 +244,15 @@ class Counter:
     def multiple_choice(self, task: str, questions: int) -> None:
         """Questions scored outside lm-eval's hub tasks (Chapter 7's attack measurements)."""
         self.evaluations.append({"tasks": {task: questions}, "limit": None})
+        self.write()
+
+    def fine_tune(self, method: str, steps: int) -> None:
+        """A training run that is not an unlearning run (Chapter 7's relearning attack).
+
+        It counts as a run of the ``steps`` it requested; the questions scored around it are
+        counted where they are scored (:meth:`multiple_choice`).
+        """
+        self.runs.append({"method": method, "steps": steps, "questions": {}})
         self.write()
 
     def begin_run(
@@ -468,6 +479,28 @@ def install(max_steps: int = 4, counts_path: str | None = None) -> Counter:
         return real_measure_mc(model, tokenizer, items, suffix, **kwargs)
 
     attacks.measure_mc = measure_mc
+
+    from uoe_nb import robustness
+
+    real_relearn = robustness.relearn_attack
+
+    @functools.wraps(real_relearn)
+    def relearn_attack(model, tokenizer, texts, held_out_items, *, config=None, **kwargs):
+        config = config or robustness.RelearnConfig()
+        counter.fine_tune("relearn", config.steps)
+        capped = dataclasses.replace(config, steps=min(config.steps, max_steps))
+        return real_relearn(model, tokenizer, texts, held_out_items, config=capped, **kwargs)
+
+    robustness.relearn_attack = relearn_attack
+    real_robustness_mc = robustness.multiple_choice_accuracy
+
+    @functools.wraps(real_robustness_mc)
+    def robustness_mc(model, tokenizer, items, *, name="tiny_mc", limit=None, **kwargs):
+        n = len(items) if limit is None else min(len(items), limit)
+        counter.multiple_choice("robustness:" + name, n)
+        return real_robustness_mc(model, tokenizer, items, name=name, limit=limit, **kwargs)
+
+    robustness.multiple_choice_accuracy = robustness_mc  # what its attacks score with
     torch.set_num_threads(1)
     return counter
 

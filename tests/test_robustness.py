@@ -680,3 +680,106 @@ def test_run_attacks_builds_one_row_per_model(zoo, world):
         R.run_attacks({"original": model}, [])
     with pytest.raises(TypeError, match="as_row"):
         R.run_attacks({"original": model}, [lambda m: 3.0])
+
+
+# ----------------------------------------------------------------------------- tables and figures
+
+
+def _result_table():
+    """A run_attacks-style table built from the results' own rows (no model involved)."""
+    import pandas as pd
+
+    cfg = R.RelearnConfig()
+    rows = {
+        "original": (
+            R.QuantizationResult(("experts", "rest"), 0.9, {8: 0.89, 4: 0.8}, 1.0, {8: 1.0, 4: 0.95}, {}, 3),
+            R.RoutingResult(
+                0, 2, {"none": 0.9, "force": 0.85, "avoid": 0.88}, {"none": 1.0, "avoid": 0.97}, {"none": 0.4}
+            ),
+            R.RelearnResult(0.92, 0.7, 0.9, 1.0, [2.0, 1.0], cfg),
+            R.LinearProbeResult(1.0, 0.5, {}, 0.125, 0.1, 0.9, 10, 8, 3, "last"),
+        ),
+        "unlearned": (
+            R.QuantizationResult(("experts", "rest"), 0.3, {8: 0.31, 4: 0.35}, 0.8, {8: 0.8, 4: 0.7}, {}, 3),
+            R.RoutingResult(
+                0,
+                2,
+                {"none": 0.3, "force": 0.28, "avoid": 0.84},
+                {"none": 0.8, "avoid": 0.99},
+                {"none": 0.97},
+            ),
+            R.RelearnResult(0.33, 0.6, 0.3, 0.9, [3.0, 1.5], cfg),
+            R.LinearProbeResult(0.9, 0.2, {}, 0.125, 0.1, 0.9, 10, 8, 3, "last"),
+        ),
+    }
+    data = []
+    for model, results in rows.items():
+        row = {"model": model}
+        for result in results:
+            row.update(result.as_row())
+        data.append(row)
+    return pd.DataFrame(data).set_index("model")
+
+
+def test_attack_columns_and_tables_split_the_table_by_attack():
+    table = _result_table()
+    routing = R.attack_columns(table, "routing")
+    assert list(routing.columns) == [
+        "FA none", "FA force", "FA avoid", "UT none", "UT avoid", "expert share none"
+    ]  # fmt: skip
+    assert routing.loc["unlearned", "FA avoid"] == 0.84 and list(routing.index) == ["original", "unlearned"]
+    with pytest.raises(
+        KeyError, match=r"no columns of attack 'rout'.*'probe', 'quant', 'relearn', 'routing'"
+    ):
+        R.attack_columns(table, "rout")  # a prefix of a name is not the name
+
+    table["parameters"] = 7  # a plain column belongs to no attack
+    tables = R.attack_tables(table)
+    assert list(tables) == ["quant", "routing", "relearn", "probe"]
+    assert tables["probe"].loc["original", "test acc"] == 0.5
+    assert sum(len(t.columns) for t in tables.values()) == len(table.columns) - 1
+
+
+def test_forget_accuracy_table_takes_each_setting_from_its_attack():
+    table = _result_table()
+    fa = R.forget_accuracy_table(table)
+    assert list(fa.columns) == [
+        "no attack", "8-bit", "4-bit", "expert forced", "expert avoided", "held-out", "held-out, relearned"
+    ]  # fmt: skip
+    assert fa.loc["unlearned"].tolist() == [0.3, 0.31, 0.35, 0.28, 0.84, 0.33, 0.6]
+    assert fa.loc["original"].tolist() == [0.9, 0.89, 0.8, 0.85, 0.88, 0.92, 0.7]
+
+    routing_only = table[[c for c in table.columns if c.startswith("routing: ")]]
+    fa = R.forget_accuracy_table(routing_only)  # "no attack" falls back to the unpatched routing FA
+    assert list(fa.columns) == ["no attack", "expert forced", "expert avoided"]
+    assert fa["no attack"].tolist() == [0.9, 0.3]
+    renamed = routing_only.rename(columns=lambda c: c.replace("routing: ", "r: "))
+    assert R.forget_accuracy_table(renamed, routing="r").equals(fa)
+    with pytest.raises(KeyError, match="no columns of the attacks"):
+        R.forget_accuracy_table(renamed)
+
+
+def test_plot_attacks_draws_every_setting_of_every_model_and_the_probe():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = _result_table()
+    fig = R.plot_attacks(table, title="t")
+    fa_ax, probe_ax = fig.axes
+    bars = [p for p in fa_ax.patches]
+    assert len(bars) == 2 * 7  # two models, seven settings
+    assert sorted(round(b.get_height(), 2) for b in bars) == sorted(
+        R.forget_accuracy_table(table).to_numpy().ravel().round(2).tolist()
+    )
+    assert [t.get_text() for t in fa_ax.get_xticklabels()][-1] == "held-out, relearned"
+    assert fa_ax.get_ylabel().startswith("forget accuracy") and fa_ax.get_title() == "t"
+    assert [round(b.get_height(), 2) for b in probe_ax.patches] == [0.5, 0.2]
+    assert probe_ax.get_ylabel().startswith("probe accuracy")
+    plt.close(fig)
+
+    no_probe = table[[c for c in table.columns if not c.startswith("probe: ")]]
+    fig = R.plot_attacks(no_probe, chance=None)
+    assert len(fig.axes) == 1 and not fig.axes[0].get_lines()  # no chance line either
+    plt.close(fig)

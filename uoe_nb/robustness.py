@@ -4,7 +4,9 @@ GCG (:mod:`uoe_nb.attacks`) asks whether a *prompt* brings forgotten knowledge b
 other attacks ask the same of the weights, the routing and the hidden states. Each is one
 function that takes a model (the original, an unlearned one, or the retrain oracle) and
 returns a small result with the numbers it measured; :func:`run_attacks` runs a list of
-them over named models into one table.
+them over named models into one table, which :func:`attack_columns`,
+:func:`attack_tables`, :func:`forget_accuracy_table` and :func:`plot_attacks` turn into
+what the chapter shows.
 
 1. **Relearning** (:func:`relearn_attack`): fine-tune for a few steps on half of the
    forget facts' texts, then measure forget accuracy on the *other* half. Knowledge that
@@ -34,7 +36,7 @@ import random
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +51,9 @@ from .routing import batches
 from .trainable import trained_rows
 from .world import TinyWorld, qa_line
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 __all__ = [
     "PROBE_DOMAINS",
     "PROBE_POOLINGS",
@@ -62,7 +67,11 @@ __all__ = [
     "RelearnConfig",
     "RelearnResult",
     "RoutingResult",
+    "attack_columns",
+    "attack_tables",
+    "forget_accuracy_table",
     "hidden_features",
+    "plot_attacks",
     "preserved",
     "probe_attack",
     "probe_data",
@@ -1167,3 +1176,134 @@ def run_attacks(
                 row.update(values)
         rows.append({"model": name, **row})
     return pd.DataFrame(rows).set_index("model")
+
+
+# --------------------------------------------------------------------------- tables and figures
+
+
+def attack_columns(table: pd.DataFrame, name: str) -> pd.DataFrame:
+    """One attack's columns of a :func:`run_attacks` table, without their ``"name: "`` prefix (Chapter 7).
+
+    ``name`` is the attack's ``name`` argument (``"relearn"``, ``"quant"``, ``"routing"``,
+    ``"probe"`` by default). Raises :class:`KeyError` naming the attacks the table has when
+    none of its columns belongs to ``name``.
+    """
+    prefix = f"{name}: "
+    columns = [c for c in table.columns if isinstance(c, str) and c.startswith(prefix)]
+    if not columns:
+        found = sorted({c.split(": ", 1)[0] for c in table.columns if isinstance(c, str) and ": " in c})
+        raise KeyError(f"the table has no columns of attack {name!r}; its attacks are {found}")
+    return table[columns].rename(columns=lambda c: c[len(prefix) :])
+
+
+def attack_tables(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Every attack's columns of a :func:`run_attacks` table, keyed by attack name, prefixes dropped (Chapter 7).
+
+    Columns without a ``"name: "`` prefix (from attacks that return plain mappings) are
+    left out. The attacks keep the order of their first column.
+    """
+    names = dict.fromkeys(c.split(": ", 1)[0] for c in table.columns if isinstance(c, str) and ": " in c)
+    return {name: attack_columns(table, name) for name in names}
+
+
+def forget_accuracy_table(
+    table: pd.DataFrame, *, relearn: str = "relearn", quant: str = "quant", routing: str = "routing"
+) -> pd.DataFrame:
+    """Forget accuracy of every model without and under each attack, one column per setting (Chapter 7).
+
+    From a :func:`run_attacks` table with the attacks named ``relearn``, ``quant`` and
+    ``routing`` (any of them may be missing): ``"no attack"`` (the quantization attack's
+    full-precision FA, else the unpatched routing FA), ``"<b>-bit"`` for each width,
+    ``"expert forced"`` / ``"expert avoided"`` for each routing mode, and
+    ``"held-out"`` / ``"held-out, relearned"`` (FA on the relearning split's held-out
+    facts before and after relearning; a different question set from the others).
+    """
+    import pandas as pd
+
+    present = {
+        n
+        for n in (relearn, quant, routing)
+        if any(isinstance(c, str) and c.startswith(f"{n}: ") for c in table.columns)
+    }
+    if not present:
+        raise KeyError(
+            f"the table has no columns of the attacks {relearn!r}, {quant!r} or {routing!r}: "
+            "name them as in run_attacks"
+        )
+    out = pd.DataFrame(index=table.index)
+    if quant in present:
+        cols = attack_columns(table, quant)
+        out["no attack"] = cols["FA full"]
+        for c in cols.columns:
+            if c.startswith("FA ") and c.endswith("-bit"):
+                out[c[3:]] = cols[c]
+    if routing in present:
+        cols = attack_columns(table, routing)
+        if "no attack" not in out:
+            out["no attack"] = cols["FA none"]
+        for mode, label in (("force", "expert forced"), ("avoid", "expert avoided")):
+            if f"FA {mode}" in cols:
+                out[label] = cols[f"FA {mode}"]
+    if relearn in present:
+        cols = attack_columns(table, relearn)
+        out["held-out"] = cols["FA held-out before"]
+        out["held-out, relearned"] = cols["FA held-out after"]
+    return out
+
+
+def plot_attacks(
+    table: pd.DataFrame,
+    *,
+    relearn: str = "relearn",
+    quant: str = "quant",
+    routing: str = "routing",
+    probe: str = "probe",
+    chance: float | None = 0.25,
+    title: str | None = None,
+):
+    """Forget accuracy under every attack, one bar per model, and the probe's accuracy beside it (Chapter 7).
+
+    The left panel groups the settings of :func:`forget_accuracy_table`, one bar per model
+    in each group, with a dotted line at ``chance``; the right panel (only when the table
+    has a probing attack named ``probe``) shows each model's probe accuracy on the
+    forgotten facts with its chance level. Returns the figure.
+    """
+    import matplotlib.pyplot as plt
+
+    fa = forget_accuracy_table(table, relearn=relearn, quant=quant, routing=routing)
+    has_probe = any(isinstance(c, str) and c.startswith(f"{probe}: ") for c in table.columns)
+    widths = [max(3.0, 1.1 * len(fa.columns)), 2.4] if has_probe else [max(3.0, 1.1 * len(fa.columns))]
+    fig, axes = plt.subplots(
+        1, len(widths), figsize=(sum(widths) + 1.0, 4.0), gridspec_kw={"width_ratios": widths}, squeeze=False
+    )
+    ax = axes[0, 0]
+    n = len(fa.index)
+    width = 0.8 / max(n, 1)
+    x = list(range(len(fa.columns)))
+    for i, model in enumerate(fa.index):
+        ax.bar([p - 0.4 + (i + 0.5) * width for p in x], fa.loc[model].tolist(), width, label=str(model))
+    ax.set_xticks(x)
+    ax.set_xticklabels(list(fa.columns), rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("forget accuracy (multiple choice)")
+    ax.set_ylim(0, 1.15)  # room for the legend above the bars
+    ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    if chance is not None:
+        ax.axhline(chance, color="grey", ls=":", lw=1, label="chance")
+    ax.legend(fontsize=7, ncol=n + 1, loc="upper center")
+    if title:
+        ax.set_title(title, fontsize=10)
+    if has_probe:
+        cols = attack_columns(table, probe)
+        pax = axes[0, 1]
+        pax.bar(range(n), cols["test acc"].tolist(), color=[f"C{i}" for i in range(n)])
+        pax.scatter(
+            range(n), cols["chance"].tolist(), marker="_", s=300, color="black", label="chance", zorder=3
+        )
+        pax.set_xticks(range(n))
+        pax.set_xticklabels([str(m) for m in fa.index], rotation=30, ha="right", fontsize=8)
+        pax.set_ylabel("probe accuracy on the forgotten facts")
+        pax.set_ylim(0, 1)
+        pax.set_title("linear probe", fontsize=10)
+        pax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
