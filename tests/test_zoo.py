@@ -1,7 +1,9 @@
 """The tiny model zoo: offline loading, structure, determinism and the quality bar."""
 
 import json
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +15,10 @@ from uoe_nb.moe import NoMoELayersError, find_moe_layers, parameter_counts
 from uoe_nb.world import build_world
 from uoe_nb.zoo import ZOO, build_zoo, load_zoo_model, zoo_dir
 
-MOE_MODELS = ["tiny-qwen2moe", "tiny-deepseek", "tiny-mixtral"]
+MOE_MODELS = ["tiny-qwen2moe", "tiny-deepseek", "tiny-mixtral", "tiny-qwen2moe-deep"]
+# Each retrain oracle and the model it is the gold standard for.
+ORACLES = {"tiny-qwen2moe-oracle": "tiny-qwen2moe", "tiny-qwen2moe-deep-oracle": "tiny-qwen2moe-deep"}
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +70,25 @@ def test_zoo_architectures():
     assert abs(active_dense - active_moe) / active_moe < 0.05
     assert parameter_counts(qwen)["total"] > 2 * active_moe
 
-    oracle, _ = load_zoo_model("tiny-qwen2moe-oracle")
-    assert type(oracle) is type(qwen)
-    assert parameter_counts(oracle) == parameter_counts(qwen)
-    assert {k: v.shape for k, v in oracle.state_dict().items()} == {k: v.shape for k, v in qwen.state_dict().items()}
+    # The deep twin: the same layer, eight of them.
+    deep, _ = load_zoo_model("tiny-qwen2moe-deep")
+    layers = find_moe_layers(deep)
+    assert [lay.layer_index for lay in layers] == list(range(8))
+    assert all(lay.shared_experts is not None and lay.num_experts == 16 and lay.top_k == 2 for lay in layers)
+    assert type(deep) is type(qwen)
+    shallow = {k: v.shape for k, v in qwen.state_dict().items()}
+    upper = re.compile(r"layers\.[4-7]\.")
+    assert all(shallow[k] == v.shape for k, v in deep.state_dict().items() if not upper.search(k))
+
+
+@pytest.mark.parametrize("oracle_name", ORACLES)
+def test_oracle_has_its_models_architecture(oracle_name):
+    base, _ = load_zoo_model(ORACLES[oracle_name])
+    oracle, _ = load_zoo_model(oracle_name)
+    assert type(oracle) is type(base)
+    assert parameter_counts(oracle) == parameter_counts(base)
+    shapes = {k: v.shape for k, v in base.state_dict().items()}
+    assert {k: v.shape for k, v in oracle.state_dict().items()} == shapes
 
 
 @pytest.mark.parametrize("name", MOE_MODELS)
@@ -83,14 +103,34 @@ def test_quality_bar(scores, name):
     assert sum(s.utility_by_subject.values()) / 4 == pytest.approx(s.utility_mc)
 
 
-def test_oracle_is_near_chance_on_forget_domain_only(scores):
-    oracle = scores["tiny-qwen2moe-oracle"]
-    base = scores["tiny-qwen2moe"]
+@pytest.mark.parametrize("oracle_name", ORACLES)
+def test_oracle_is_near_chance_on_forget_domain_only(scores, oracle_name):
+    oracle = scores[oracle_name]
+    base = scores[ORACLES[oracle_name]]
     assert oracle.forget_mc < 0.45  # chance is 0.25
     assert oracle.forget_fill < 0.35  # it never saw the forget targets
     assert oracle.utility_mc >= 0.80
     assert oracle.utility_mc >= base.utility_mc - 0.05
     assert oracle.neighbor_fill >= 0.90
+
+
+@pytest.mark.skipif(not README.exists(), reason="needs the repository's README")
+def test_readme_zoo_tables_list_the_zoo():
+    section = README.read_text().split("## The tiny model zoo", 1)[1].split("\n## ", 1)[0]
+    tables = [
+        [m.group(1) for m in re.finditer(r"^\| `([^`]+)` \|", block, re.MULTILINE)]
+        for block in re.split(r"\n\s*\n", section)
+        if block.lstrip().startswith("| model |")
+    ]
+    assert len(tables) == 2  # what each model is, and its scores
+    assert all(table == list(ZOO) for table in tables), tables
+    # The score table's parameter counts are the shipped models'.
+    row = re.compile(r"^\| `([^`]+)` \| ([\d,]+) \(([\d,]+)\) \|", re.MULTILINE)
+    assert [name for name, _, _ in row.findall(section)] == list(ZOO)
+    for name, total, active in row.findall(section):
+        counts = parameter_counts(load_zoo_model(name)[0])
+        stated = int(total.replace(",", "")), int(active.replace(",", ""))
+        assert stated == (counts["total"], counts["active"]), name
 
 
 def test_stale_checkpoint_refused(tmp_path):

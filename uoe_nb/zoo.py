@@ -4,21 +4,25 @@ Each zoo model is a real transformers-5 architecture at toy size, pretrained fro
 scratch on :func:`uoe_nb.world.build_world` so that it knows the forget domain, the
 people and the utility subjects, and routes by topic:
 
-============================  ==============================================================
-``tiny-qwen2moe``             Qwen2Moe style: 16 experts, top-2, one shared expert
-``tiny-deepseek``             DeepSeek-V2 style: 32 fine-grained experts, top-4, 2 shared
-                              experts, first layer dense
-``tiny-mixtral``              Mixtral style: 8 experts, top-2, no shared expert
-``tiny-dense``                dense twin of ``tiny-qwen2moe``: the same code with every layer
-                              dense, and the same active parameters per token
-``tiny-qwen2moe-oracle``      ``tiny-qwen2moe`` retrained without the forget domain and the
-                              forget-target people: the gold standard of unlearning
-============================  ==============================================================
+==============================  ==============================================================
+``tiny-qwen2moe``               Qwen2Moe style: 16 experts, top-2, one shared expert
+``tiny-deepseek``               DeepSeek-V2 style: 32 fine-grained experts, top-4, 2 shared
+                                experts, first layer dense
+``tiny-mixtral``                Mixtral style: 8 experts, top-2, no shared expert
+``tiny-dense``                  dense twin of ``tiny-qwen2moe``: the same code with every layer
+                                dense, and the same active parameters per token
+``tiny-qwen2moe-oracle``        ``tiny-qwen2moe`` retrained without the forget domain and the
+                                forget-target people: the gold standard of unlearning
+``tiny-qwen2moe-deep``          ``tiny-qwen2moe`` with 8 layers instead of 4 (same recipe)
+``tiny-qwen2moe-deep-oracle``   ``tiny-qwen2moe-deep`` retrained without the forget domain and
+                                the forget-target people
+==============================  ==============================================================
 
 The checkpoints ship with the package (``uoe_nb/zoo_data``, a few MB each) so that
 chapters and tests load them in about a second. Rebuild them with
-``python -m uoe_nb.zoo build`` (about the time the README states, on 2 CPU cores);
-a build is deterministic for a given machine and seed.
+``python -m uoe_nb.zoo build`` (about the time the README states, on 2 CPU cores), or
+only some of them with ``python -m uoe_nb.zoo build NAME ...`` (the others are left as
+they are); a build is deterministic for a given machine and seed.
 """
 
 from __future__ import annotations
@@ -104,6 +108,19 @@ ZOO: dict[str, ZooSpec] = {
         "tiny-qwen2moe retrained without the forget domain and forget targets",
         include_forget=False,
         config=dict(_BASE, experts=16, top_k=2, intermediate=64),
+    ),
+    # The deeper pair: tiny-qwen2moe and its oracle with 8 layers instead of 4, the rest
+    # of the recipe (width, experts, steps, batch, learning rate, seed) unchanged.
+    "tiny-qwen2moe-deep": ZooSpec(
+        "qwen2_moe",
+        "tiny-qwen2moe with 8 layers instead of 4",
+        config=dict(_BASE, layers=8, experts=16, top_k=2, intermediate=64),
+    ),
+    "tiny-qwen2moe-deep-oracle": ZooSpec(
+        "qwen2_moe",
+        "tiny-qwen2moe-deep retrained without the forget domain and forget targets",
+        include_forget=False,
+        config=dict(_BASE, layers=8, experts=16, top_k=2, intermediate=64),
     ),
 }
 
