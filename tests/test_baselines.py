@@ -430,3 +430,7 @@ def test_oracle_frame_puts_the_references_first():
     assert math.isnan(frame.loc["oracle", "KL forget sd"])
     with pytest.raises(ValueError, match="no distance to an oracle"):
         oracle_frame(_grid([_record(0.3, 0.7, 0)]), {})
+
+
+def test_the_deep_twin_is_compared_with_the_papers_qwen():
+    assert paper_result("tiny-qwen2moe-deep", "ga", "uoe") == paper_result("tiny-qwen2moe", "ga", "uoe")

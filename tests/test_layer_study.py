@@ -138,3 +138,26 @@ def test_run_variant_refuses_a_patch_of_a_lora_run_before_training(setup):
         run_variant(model, tok, world.forget_corpus[:4], world.retain_corpus[:4], Variant("lora", scopes.lora()),
                     cfg, affinity=aff, keep_patch=True)  # fmt: skip
     assert not changed_parameters(model, before)
+
+
+def test_compare_variants_attributes_once_and_gives_the_model_back(setup):
+    world, model, tok, aff = setup
+    from uoe_nb.layer_study import compare_variants
+
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    cfg = UnlearnConfig(method="ga", lr=3e-3, steps=2, eval_every=2, monitor_docs=4, max_length=64)
+    variants = [Variant("UOE", scopes.uoe(), group="UOE"),
+                Variant("every layer", scopes.per_layer_experts("all"), group="layers")]  # fmt: skip
+
+    def evaluate(m):
+        return {"forget_accuracy": 0.5, "utility_accuracy": 0.5}
+
+    table, affinity = compare_variants(model, tok, world.forget_corpus[:64], world.retain_corpus[:8], variants, cfg,
+                                       evaluate=evaluate, attribution_docs=64)  # fmt: skip
+    assert affinity.target == aff.target  # the same 64 documents as the fixture's attribution
+    assert list(table.index) == ["UOE", "every layer"]
+    n_layers = len(find_moe_layers(model))
+    assert table.loc["every layer", "trainable"] == n_layers * table.loc["UOE", "trainable"]
+    assert not changed_parameters(model, state)
+    with pytest.raises(ValueError, match="no variants"):
+        compare_variants(model, tok, world.forget_corpus[:8], [], [], cfg, evaluate=evaluate)

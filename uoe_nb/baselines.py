@@ -83,6 +83,7 @@ PAPER_MODELS = ("Qwen1.5-MoE", "DeepSeek-V2-Lite", "Mixtral-8x7B")
 # The zoo model that mirrors each of the paper's models (same family, toy size).
 PAPER_TWIN = {
     "tiny-qwen2moe": "Qwen1.5-MoE",
+    "tiny-qwen2moe-deep": "Qwen1.5-MoE",  # the 8-layer twin of the same recipe
     "tiny-deepseek": "DeepSeek-V2-Lite",
     "tiny-mixtral": "Mixtral-8x7B",
 }

@@ -38,6 +38,7 @@ from .unlearn import StepRecord, UnlearnConfig, UnlearnResult, unlearn
 
 __all__ = [
     "Variant",
+    "compare_variants",
     "expert_variant",
     "layer_rank_variants",
     "mean_overlap",
@@ -186,3 +187,44 @@ def run_variant(
     for layer, value in best.overlap_retain.items():
         row[f"overlap_retain/{layer}"] = value
     return row, result
+
+
+def compare_variants(
+    model: nn.Module,
+    tokenizer: Any,
+    forget: Sequence[str],
+    retain: Sequence[str],
+    variants: Sequence[Variant],
+    config: UnlearnConfig,
+    *,
+    evaluate: Callable[[nn.Module], Mapping[str, float]],
+    attribution_docs: int = 256,
+    batch_size: int = 16,
+) -> tuple[Any, Affinity]:
+    """Attribute the forget set once on ``model``, then :func:`run_variant` every variant.
+
+    The same comparison on a second model (the 8-layer twin of Chapter 5) in one call. The
+    model is given back bitwise after each run. Returns the rows as a frame indexed by the
+    variant's label, and the model's :class:`~uoe_nb.attribution.Affinity` (its ``target``
+    says which layer UOE chose).
+    """
+    import pandas as pd
+
+    from .attribution import expert_affinity
+    from .routing import batches
+
+    if not variants:
+        raise ValueError("no variants given: pass at least one Variant")
+    labels = [v.label for v in variants]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"each variant label may appear once, got {labels}")
+    device = next(model.parameters()).device
+    docs = list(forget[:attribution_docs])
+    affinity = expert_affinity(
+        model, batches(tokenizer, docs, batch_size=batch_size, max_length=config.max_length, device=device)
+    )
+    rows = []
+    for variant in variants:
+        row, _ = run_variant(model, tokenizer, forget, retain, variant, config, evaluate=evaluate, affinity=affinity)
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("variant"), affinity
