@@ -15,10 +15,10 @@ workers="${UOE_NB_TEST_WORKERS:-2}"
 failed=0
 echo "test: ruff check uoe_nb tests scripts benchmarks"
 ruff check uoe_nb tests scripts benchmarks || failed=1
-# Chapters: pyflakes rules only, which also cover the full-mode branches that tiny mode never runs
-# (an undefined name there would only show on a GPU).
-echo "test: ruff check --select F book"
-ruff check --select F book || failed=1
+# Chapters: pyflakes rules, which also cover the full-mode branches that tiny mode never runs
+# (an undefined name there would only show on a GPU), and code lines that fit the rendered page.
+echo "test: ruff check --select F,E501 --line-length 88 book"
+ruff check --select F,E501 --line-length 88 book || failed=1
 
 # --dist loadscope keeps all cells of a notebook on one worker (one kernel per notebook; the
 # default distribution would scatter them and break their shared state), and the tests of one
