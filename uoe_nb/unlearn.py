@@ -55,11 +55,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import objectives
+from . import objectives, stability
 from .attribution import expert_affinity
 from .evaluation import PARTS, world_evaluator
 from .fastpath import LayerInputCache, forward_from_layer, hidden_after_layer, stop_after_layer
-from .moe import capture_routing, find_moe_layers
+from .moe import capture_routing, find_moe_layers, moe_layer
 from .progress import progress
 from .routing import batches as make_batches
 from .scopes import LoraSelection, Scope, ScopeResult, apply_scope
@@ -79,6 +79,16 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 METHODS = ("ga", "graddiff", "npo", "simnpo", "rmu")
+_RETAIN_METHODS = ("graddiff", "npo", "simnpo", "rmu")  # methods with a retain term
+
+
+def _trains_router(scope: Scope) -> bool:
+    """Whether a scope can train a router (LoRA's adapters are not a router update GRIP can project)."""
+    if scope.kind in ("full", "routers", "experts_and_routers"):
+        return True
+    if scope.kind in ("experts", "rmu", "lora"):
+        return False
+    return bool(scope.include_router)
 
 
 @dataclass
@@ -90,6 +100,15 @@ class UnlearnConfig:
     attributed target where it trains several) unless ``anchor_weight`` is 0.
     ``anchor_reduction="sum"`` is the paper's Eq. 3 (the released code's ``mse_loss`` is
     ``"mean"``, i.e. alpha divided by the number of experts).
+
+    Two other ways to keep routing stable (Chapter 9, :mod:`uoe_nb.stability`), both off by
+    default: ``grip=True`` (GRIP, Zhu et al. 2026) keeps every trained router's change in the
+    null space of its inputs on the first ``grip_docs`` retain documents (the subspace holding
+    ``grip_energy`` of their energy), so it needs a scope that trains a router and a retain set;
+    ``trace=True`` (TRACE, Xie et al. 2026) weights the retain loss token by token so that each
+    forget-critical expert (forget frequency above ``trace_ratio`` times retain frequency, among
+    the experts the scope trains) is as frequent on retain as on forget text, weights cut at
+    ``trace_max_weight`` times the mean, so it needs a method with a retain term.
     """
 
     method: str = "ga"
@@ -123,6 +142,12 @@ class UnlearnConfig:
     master_weights: bool | None = None  # fp32 master copies; None: on for every scope but "full"
     utility_eval: str = "always"  # "always", or "target": UT only where FA reached the target, and at the end
     chance_accuracy: float = 0.25  # FA of guessing (4-way multiple choice): forgetting below it is not better
+    grip: bool = False  # GRIP: router updates projected onto the null space of the retain router inputs
+    grip_energy: float = 0.99  # share of the retain inputs' energy whose directions the routers may not change
+    grip_docs: int = 256  # retain documents whose router inputs span the protected subspace
+    trace: bool = False  # TRACE: retain loss reweighted towards the forget-critical experts
+    trace_ratio: float = 1.0  # critical: forget frequency > trace_ratio x retain frequency
+    trace_max_weight: float = 10.0  # token weights cut at this multiple of their mean
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -152,6 +177,38 @@ class UnlearnConfig:
             value = getattr(self, name)
             if value is not None and not (isinstance(value, int | float) and 0.0 <= value <= 1.0):
                 raise ValueError(f"{name} must be an accuracy in [0, 1], got {value!r}")
+        self._validate_stabilisers()
+
+    def _validate_stabilisers(self) -> None:
+        for name in ("grip", "trace"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not (isinstance(self.grip_energy, int | float) and 0.0 < self.grip_energy <= 1.0):
+            raise ValueError(f"grip_energy must be in (0, 1], got {self.grip_energy!r}")
+        if isinstance(self.grip_docs, bool) or not isinstance(self.grip_docs, int) or self.grip_docs < 1:
+            raise ValueError(f"grip_docs must be a positive int, got {self.grip_docs!r}")
+        if not (isinstance(self.trace_ratio, int | float) and math.isfinite(self.trace_ratio) and self.trace_ratio > 0):
+            raise ValueError(f"trace_ratio must be a finite number > 0, got {self.trace_ratio!r}")
+        if not (isinstance(self.trace_max_weight, int | float) and math.isfinite(self.trace_max_weight)
+                and self.trace_max_weight >= 1):  # fmt: skip
+            raise ValueError(f"trace_max_weight must be a finite number >= 1, got {self.trace_max_weight!r}")
+        if self.trace:
+            weight = self.rmu_retain_weight if self.method == "rmu" else self.retain_weight
+            if self.method not in _RETAIN_METHODS:
+                raise ValueError(
+                    f"trace=True reweights the retain loss, and method {self.method!r} has none: use one of "
+                    f"{_RETAIN_METHODS} (graddiff is GA with a retain term)"
+                )
+            if not weight:
+                raise ValueError("trace=True reweights the retain loss, but its weight is 0: set retain_weight "
+                                 "(rmu_retain_weight for RMU) above 0")  # fmt: skip
+        if self.grip:
+            scope = self.scope if isinstance(self.scope, Scope) else Scope.from_name(self.scope)
+            if not _trains_router(scope):
+                raise ValueError(
+                    f"grip=True projects router updates, but scope {scope.label!r} trains no router: use a scope "
+                    "that trains one (uoe, routers, experts_and_routers, full, or include_router=True)"
+                )
 
 
 @dataclass
@@ -196,6 +253,7 @@ class UnlearnResult:
     original: dict[str, tuple[list[int] | None, torch.Tensor]] | None = None  # with keep_original
     inspected: Any = None  # what a caller measured on the unlearned model (layer_study.run_variant)
     patch: Any = None  # the run's change as a uoe_nb.patches.Patch, when kept
+    stability: dict[str, Any] = field(default_factory=dict)  # GRIP's RouterNullSpace, TRACE's TraceWeights
 
     @property
     def seconds_per_step(self) -> float:
@@ -359,6 +417,8 @@ class _Run:
                                         device=device)) if retain else [],  # fmt: skip
         }
         self.ref_cache: dict[tuple[str, int], Any] = {}
+        self.grip: stability.RouterNullSpace | None = None
+        self.trace: stability.TraceWeights | None = None
 
     # -- frozen references ------------------------------------------------------------
     def reference(self, key: tuple[str, int], fn: Callable[[], Any], *, offload: bool = False) -> Any:
@@ -459,6 +519,16 @@ class _Run:
             total = total + objectives.anchor_loss(rec.scores, rec.mask, expert, reduction=self.cfg.anchor_reduction)
         return self.cfg.anchor_weight * total
 
+    def weighted_retain_term(self, rb, rkey, j: int, ref_logits) -> torch.Tensor:
+        """TRACE's retain term: the configured retain loss with retain batch ``j``'s token weights."""
+        weights, mask = self.trace.weights[j], rb["attention_mask"]
+        logits = self.logits(rb, rkey)
+        if self.cfg.retain_loss == "nll":
+            return stability.weighted_retain_nll(logits, rb["input_ids"], mask, weights)
+        if self.cfg.kl_top_k:
+            return stability.weighted_retain_kl_top_k(logits, ref_logits, mask, weights)
+        return stability.weighted_retain_kl(logits, ref_logits, mask, weights)
+
     def step_loss(self, step: int, *, references_only: bool = False) -> tuple[torch.Tensor, float] | None:
         cfg = self.cfg
         i = step % len(self.forget_batches)
@@ -479,6 +549,7 @@ class _Run:
             ref_total, ref_count = self.reference(("npo", i), lambda: self.nll(fb, fkey))
         if uses_retain and cfg.method == "rmu":
             frozen = self.reference(("rmu", j), lambda: self.hidden_at(rb, self.rmu_layer, rkey), offload=True)
+        ref_logits = None
         if uses_retain and cfg.method != "rmu" and cfg.retain_loss == "kl":
             if cfg.kl_top_k:
                 ref_logits = self.reference(
@@ -505,7 +576,11 @@ class _Run:
                 h = self.hidden_at(fb, self.rmu_layer, fkey)
             forget_term = objectives.rmu_forget_loss(h, self.control.to(h.dtype), fb["attention_mask"])
             loss = forget_term + (self.anchor_term(cap) if anchor_on else 0.0)
-            if uses_retain:
+            if uses_retain and self.trace is not None:
+                loss = loss + cfg.rmu_retain_weight * stability.weighted_rmu_retain(
+                    self.hidden_at(rb, self.rmu_layer, rkey), frozen, rb["attention_mask"], self.trace.weights[j]
+                )
+            elif uses_retain:
                 loss = loss + cfg.rmu_retain_weight * objectives.rmu_retain_loss(
                     self.hidden_at(rb, self.rmu_layer, rkey), frozen, rb["attention_mask"]
                 )
@@ -526,7 +601,9 @@ class _Run:
             forget_value = float((total.sum() / count.sum()).detach())
             if anchor_on:
                 loss = loss + self.anchor_term(cap)
-            if uses_retain:
+            if uses_retain and self.trace is not None:
+                loss = loss + cfg.retain_weight * self.weighted_retain_term(rb, rkey, j, ref_logits)
+            elif uses_retain:
                 if cfg.retain_loss == "nll":
                     r_total, r_count = self.nll(rb, rkey)
                     retain_term = objectives.retain_nll_loss(r_total, r_count)
@@ -709,6 +786,7 @@ def unlearn(
         opt = MasterWeights(trainable, lr=config.lr, weight_decay=config.weight_decay, enabled=master)
 
         run.updated = False
+        _setup_stabilisers(run, train_model, scope_result, retain, tokenizer, config, opt)
         if config.method == "npo" or config.method == "rmu" or config.retain_loss == "kl" or config.retain_router_weight:
             run.precompute_references(config.steps)
         if run.is_moe:
@@ -743,6 +821,9 @@ def unlearn(
             if status != "ok":
                 stopped = f"non-finite gradients at step {step + 1}; kept the state before it"
                 break
+            if run.grip is not None:
+                run.grip.project()  # the applied update, not the gradient: Adam rescales elementwise
+                opt.sync()
             run.updated = True
             scope_result.write_back()
             if device.type == "cuda":
@@ -804,7 +885,34 @@ def unlearn(
         steps_run=steps_run,
         train_seconds=train_seconds,
         original=original,
+        stability={k: v for k, v in (("grip", run.grip), ("trace", run.trace)) if v is not None},
     )
+
+
+def _setup_stabilisers(run: _Run, model: nn.Module, scope: ScopeResult, retain: list[str], tokenizer,
+                       config: UnlearnConfig, opt: MasterWeights) -> None:  # fmt: skip
+    """GRIP's bases and TRACE's weights, from the original model before the first update (Chapter 9)."""
+    if not (config.grip or config.trace):
+        return
+    if not run.is_moe:
+        raise ValueError("grip and trace keep the routing of a mixture-of-experts model: this model has no MoE layer")
+    if not retain:
+        raise ValueError("grip and trace are computed on retain text: give a retain set")
+    if config.grip:
+        if not scope.routers:
+            raise ValueError(f"grip=True projects router updates, but scope {scope.name!r} trains no router")
+        batches = make_batches(tokenizer, retain[: config.grip_docs], batch_size=config.batch_size,
+                               max_length=config.max_length, device=run.device)  # fmt: skip
+        run.grip = stability.RouterNullSpace.from_batches(model, scope.routers, batches, config.grip_energy)
+        masters = {id(p): m for p, m in zip(opt.params, opt.masters, strict=True) if m is not None}
+        run.grip.attach(model, masters)
+    if config.trace:
+        candidates = {k: v for k, v in scope.experts.items() if v}
+        if not candidates:  # a routers-only scope: the experts whose routing it trains
+            candidates = {layer: list(range(moe_layer(model, layer).num_experts)) for layer in scope.routers}
+        run.trace = stability.trace_weights(model, run.forget_batches, run.retain_batches, candidates,
+                                            ratio=config.trace_ratio, max_weight=config.trace_max_weight)  # fmt: skip
+        log.info("TRACE: critical experts %s, largest token weight %.2f", run.trace.critical, run.trace.max_weight())
 
 
 class _Checkpoint:
