@@ -78,6 +78,11 @@ def _check_full_mode_branch(path: Path, preset: str, tmp_path: Path) -> None:
     assert served, f"the chapter never loaded {preset}: {counts['models']}"
     assert all(m["served"] == want and m["dtype"] == "bfloat16" for m in served), served
     plan = full_mode_fakes.parse_plan(text)
+    plan_log = os.environ.get("UOE_NB_PLAN_LOG")  # where to collect the printed plans (README figures)
+    if plan_log:
+        line = next((ln for ln in text.splitlines() if ln.startswith("plan:")), "no plan")
+        with open(plan_log, "a") as log:
+            log.write(f"{path.stem} {preset}: {line}\n")
     if plan is None:  # only a chapter that neither trains nor scores questions may go without one
         assert counts["runs"] == 0 and counts["questions"] == 0, (
             f"the chapter trains or evaluates but prints no plan: {json.dumps(counts, indent=1)[:4000]}"
