@@ -108,6 +108,8 @@ def test_pilot_figures_draw_each_run():
     ours = fig.axes[1]
     styles = [line.get_linestyle() for line in ours.get_lines() if not line.get_label().startswith("_")]
     assert styles == ["-", "--"] and ours.xaxis_inverted()
+    markers = [line.get_marker() for line in ours.get_lines() if not line.get_label().startswith("_")]
+    assert markers == ["o", "s"]  # one marker per model
     assert len(fig.axes[0].collections) >= 6  # the paper's points: 2 models x 3 rows
     fig3 = plot_fig3(run, {"full": run, "routers": run})
     assert len(fig3.axes[0].get_lines()) == 2  # overlap of MoE layers 1 and 3

@@ -183,27 +183,33 @@ def plot_fig1a(
     """Fig. 1a as trade-off curves: utility against forget accuracy along each run's path.
 
     ``runs`` maps ``(model, method)`` to a run (its history, or its path); colour is the
-    method, models listed in ``dense`` are dashed, MoE models solid. The first panel holds the
+    method, the marker the model, models listed in ``dense`` are dashed, MoE models solid. The first panel holds the
     paper's whole-model points (Table 2: pretrained as x, GA and RMU) on the same axes.
     Dashed vertical line: the operating point; dotted: chance. Returns the figure.
     """
     import matplotlib.pyplot as plt
 
     fig, (ax_paper, ax_ours) = plt.subplots(1, 2, figsize=(10, 4))
+    methods = []
     for i, (model, entries) in enumerate(paper.items()):
         marker = "os^D"[i % 4]
         for row, (fa, ut) in entries.items():
             colour = "k" if row == "original" else METHOD_COLOURS.get(row, "grey")
             ax_paper.scatter(fa, ut, color=colour, marker="x" if row == "original" else marker, s=60)
+            if row != "original" and row not in methods:
+                methods.append(row)
         ax_paper.scatter([], [], color="grey", marker=marker, label=model)
+    for method in methods:
+        ax_paper.scatter([], [], color=METHOD_COLOURS.get(method, "grey"), marker="o", label=method.upper())
     ax_paper.set_title("paper, whole model (x pretrained)", fontsize=9)
     ax_paper.legend(fontsize=7)
+    models = list(dict.fromkeys(model for model, _ in runs))
     for (model, method), run in runs.items():
         points = path(run)
-        ax_ours.plot([p[1] for p in points], [p[2] for p in points], marker="o", ms=3,
-                     ls="--" if model in dense else "-", color=METHOD_COLOURS.get(method, "grey"),
+        ax_ours.plot([p[1] for p in points], [p[2] for p in points], marker="os^D"[models.index(model) % 4],
+                     ms=4, ls="--" if model in dense else "-", color=METHOD_COLOURS.get(method, "grey"),
                      label=f"{model.replace('tiny-', '')} {method.upper()}")  # fmt: skip
-    ax_ours.set_title(f"{title} (dense dashed)", fontsize=9)
+    ax_ours.set_title(f"{title} (dense dashed; marker: model)", fontsize=9)
     ax_ours.legend(fontsize=6, ncol=2)
     for ax in (ax_paper, ax_ours):
         ax.axvline(chance, color="grey", ls=":", lw=1)
