@@ -34,12 +34,12 @@ import pandas as pd
 from torch import nn
 
 from .diagnostics import OracleDistance, oracle_distance
-from .layer_study import Variant, run_variant
+from .layer_study import Variant, run_variant, starting_from
 from .routing import batches as make_batches
 from .scopes import Scope, describe_scopes, rmu_mlps
 from .tradeoff import LEVELS, OPERATING_POINT, LearningRateChoice, choose_learning_rate, tradeoff_table
 from .tradeoff import path as run_path
-from .unlearn import METHODS, PARTS, UnlearnConfig, UnlearnResult, takes_parts
+from .unlearn import METHODS, UnlearnConfig, UnlearnResult
 
 __all__ = [
     "BASELINE_SCOPES",
@@ -691,26 +691,6 @@ def plot_tradeoffs(
 # --------------------------------------------------------------------------------------
 
 
-def _starting_from(before: Mapping[str, float], evaluate: Callable[[nn.Module], Mapping[str, float]]):
-    """``evaluate``, except that its first call returns ``before``.
-
-    :func:`uoe_nb.unlearn.unlearn` evaluates at step 0, when the model still equals the base
-    model (LoRA adapters start at zero), so the base model's evaluation serves every run.
-    An evaluator that takes ``parts`` keeps taking them (``utility_eval="target"``).
-    """
-    first = [True]
-
-    with_parts = takes_parts(evaluate)
-
-    def wrapped(model: nn.Module, parts: Sequence[str] = PARTS) -> Mapping[str, float]:
-        if first[0]:
-            first[0] = False
-            return dict(before)
-        return evaluate(model, parts=parts) if with_parts else evaluate(model)
-
-    return wrapped
-
-
 def _safe_path(result: UnlearnResult) -> list[tuple[int, float, float]]:
     try:
         return run_path(result)
@@ -845,7 +825,7 @@ def run_grid(
             retain,
             baseline.variant(),
             cfg,
-            evaluate=_starting_from(before, evaluate),
+            evaluate=starting_from(before, evaluate),
             affinity=affinity,
             inspect=inspect,
             keep_patch=keep is not None and keep(baseline, seed),

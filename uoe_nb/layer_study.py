@@ -34,7 +34,7 @@ from torch import nn
 
 from .attribution import Affinity
 from .scopes import Scope, uoe
-from .unlearn import StepRecord, UnlearnConfig, UnlearnResult, unlearn
+from .unlearn import PARTS, StepRecord, UnlearnConfig, UnlearnResult, takes_parts, unlearn
 
 __all__ = [
     "Variant",
@@ -45,6 +45,7 @@ __all__ = [
     "overlap_curve",
     "random_expert_variant",
     "run_variant",
+    "starting_from",
 ]
 
 
@@ -120,6 +121,29 @@ def overlap_curve(result: UnlearnResult, which: str = "forget") -> list[dict[str
         row.update({f"layer {k}": v for k, v in getattr(rec, f"overlap_{which}").items()})
         rows.append(row)
     return rows
+
+
+def starting_from(
+    before: Mapping[str, float], evaluate: Callable[[nn.Module], Mapping[str, float]]
+) -> Callable[..., Mapping[str, float]]:
+    """``evaluate``, except that its first call returns ``before`` (for :func:`run_variant` runs
+    that all start from the same base model: Chapters 6 and 9).
+
+    :func:`uoe_nb.unlearn.unlearn` evaluates at step 0, when the model still equals the base
+    model (LoRA adapters start at zero), so the base model's evaluation serves every run.
+    An evaluator that takes ``parts`` keeps taking them (``utility_eval="target"``).
+    """
+    first = [True]
+
+    with_parts = takes_parts(evaluate)
+
+    def wrapped(model: nn.Module, parts: Sequence[str] = PARTS) -> Mapping[str, float]:
+        if first[0]:
+            first[0] = False
+            return dict(before)
+        return evaluate(model, parts=parts) if with_parts else evaluate(model)
+
+    return wrapped
 
 
 def run_variant(

@@ -23,12 +23,11 @@ import pandas as pd
 from torch import nn
 
 from .diagnostics import oracle_distance, router_restored_check
-from .evaluation import PARTS
-from .layer_study import Variant, run_variant
+from .layer_study import Variant, run_variant, starting_from
 from .scopes import uoe
 from .tradeoff import OPERATING_POINT, choose_learning_rate, operating_point
 from .tradeoff import path as run_path
-from .unlearn import UnlearnConfig, takes_parts
+from .unlearn import UnlearnConfig
 
 __all__ = ["STUDY_COLUMNS", "Stabiliser", "StabilityRun", "plot_study", "run_stabilisers", "stabilisers",
            "study_frame"]  # fmt: skip
@@ -68,20 +67,6 @@ class StabilityRun:
     row: dict[str, Any]
     path: list[tuple[int, float, float]]
     stability: dict[str, Any] = field(default_factory=dict)
-
-
-def _starting_from(before: Mapping[str, float], evaluate: Callable) -> Callable:
-    """``evaluate``, except that the first call (step 0, the unchanged model) returns ``before``."""
-    first = [True]
-    with_parts = takes_parts(evaluate)
-
-    def wrapped(model: nn.Module, parts: Sequence[str] = PARTS) -> Mapping[str, float]:
-        if first[0]:
-            first[0] = False
-            return dict(before)
-        return evaluate(model, parts=parts) if with_parts else evaluate(model)
-
-    return wrapped
 
 
 def run_stabilisers(
@@ -129,7 +114,7 @@ def run_stabilisers(
 
         variant = Variant(setting.label, uoe(), None, group="stabiliser")
         row, result = run_variant(model, tokenizer, forget, retain, variant, cfg,
-                                  evaluate=_starting_from(before, evaluate), affinity=affinity,
+                                  evaluate=starting_from(before, evaluate), affinity=affinity,
                                   inspect=inspect, base_name=model_name)  # fmt: skip
         pts = run_path(result)
         op = operating_point(pts, target)
