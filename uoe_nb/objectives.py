@@ -27,6 +27,7 @@ __all__ = [
     "ga_loss",
     "npo_loss",
     "per_sequence_nll",
+    "per_token_nll",
     "reference_top_k",
     "retain_kl_loss",
     "retain_kl_top_k_loss",
@@ -76,15 +77,16 @@ def _positive(value: float, what: str, name: str) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def per_sequence_nll(
+def per_token_nll(
     logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token NLL and number of predicted tokens per sequence (Chapter 2).
+    """Next-token NLL at every position, ``[batch, seq - 1]`` in float32 (0 where not
+    counted), and the mask of counted predictions (on the NLL's device).
 
     Position ``t``'s logits predict token ``t + 1``. A prediction counts when both the
     predicted token and the token it is predicted from are real (with right padding
-    this is exactly the usual ``labels = -100`` on padding). Returns ``(sum_nll[B],
-    n_tokens[B])`` in float32; a one-token sequence has ``n_tokens == 0``.
+    this is exactly the usual ``labels = -100`` on padding). :func:`per_sequence_nll` sums
+    it per sequence; :func:`uoe_nb.stability.weighted_retain_nll` weights it per token.
     """
     what = "per_sequence_nll"
     if logits.dim() != 3:
@@ -108,8 +110,20 @@ def per_sequence_nll(
         )
     else:
         nll = torch.stack([_row_nll(logits[b, :-1], targets[b]) for b in range(logits.shape[0])])
-    nll = nll.masked_fill(~counted.to(nll.device), 0.0)
-    return nll.sum(dim=1), counted.sum(dim=1).to(nll.device, torch.float32)
+    counted = counted.to(nll.device)
+    return nll.masked_fill(~counted, 0.0), counted
+
+
+def per_sequence_nll(
+    logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token NLL and number of predicted tokens per sequence (Chapter 2).
+
+    The sums of :func:`per_token_nll`. Returns ``(sum_nll[B], n_tokens[B])`` in float32; a
+    one-token sequence has ``n_tokens == 0``.
+    """
+    nll, counted = per_token_nll(logits, input_ids, attention_mask)
+    return nll.sum(dim=1), counted.sum(dim=1).to(torch.float32)
 
 
 def _row_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
+from . import objectives
 from .fastpath import stop_after_layer
 from .moe import capture_routing, moe_layer
 
@@ -388,22 +388,12 @@ def weighted_retain_nll(
     keeps the data set's weighting across batches.
     """
     what = "weighted_retain_nll"
-    keep = _real(mask, weights, tuple(input_ids.shape), what).to(logits.device)
-    counted = keep[:, 1:] & keep[:, :-1]
+    _real(mask, weights, tuple(input_ids.shape), what)
+    nll, counted = objectives.per_token_nll(logits, input_ids, mask)
     if not bool(counted.any()):
         raise ValueError(f"{what}: no predicted tokens in the batch")
-    targets = input_ids[:, 1:].to(logits.device)
-
-    def row(lg, tg):
-        return F.cross_entropy(lg.float(), tg, reduction="none")
-
-    if torch.is_grad_enabled() and logits.requires_grad:
-        nll = torch.stack([checkpoint(row, logits[b, :-1], targets[b], use_reentrant=False)
-                           for b in range(logits.shape[0])])  # fmt: skip
-    else:
-        nll = torch.stack([row(logits[b, :-1], targets[b]) for b in range(logits.shape[0])])
     w = weights[:, :-1].to(nll.device, torch.float32) * counted
-    return (w * nll.masked_fill(~counted, 0.0)).sum() / counted.sum()
+    return (w * nll).sum() / counted.sum()
 
 
 def weighted_retain_kl(
