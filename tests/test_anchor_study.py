@@ -63,3 +63,36 @@ def test_kept_row_router_restored_check_on_a_real_model():
     assert row["FA, routers restored"] == pytest.approx(0.9)
     assert row["FA"] == 0.3 and row["routing share"] == pytest.approx(1.0)
     assert torch.equal(layer.router.weight, changed)  # the model is left as it was
+
+
+def test_mean_sd_per_setting_in_first_seen_order():
+    import pandas as pd
+
+    from uoe_nb.anchor_study import mean_sd
+
+    runs = pd.DataFrame({"setting": ["b", "a", "b", "a"], "FA": [0.2, 0.5, 0.4, 0.5], "UT": [1.0, 0.25, 0.5, 0.75]})
+    table = mean_sd(runs, ["FA", "UT"])
+    assert list(table.index) == ["b", "a"]
+    assert table.loc["b", "FA"] == "0.3 ± 0.1" and table.loc["a", "UT"] == "0.5 ± 0.25"
+    assert table.loc["a", "FA"] == "0.5 ± 0.0"
+    with pytest.raises(KeyError, match="overlap"):
+        mean_sd(runs, ["FA", "overlap"])
+
+
+def test_plot_traces_one_line_per_setting_in_each_panel():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from uoe_nb.anchor_study import plot_traces
+
+    traces = {"no anchor": target_trace(fake_result()), "anchor": target_trace(fake_result())}
+    fig = plot_traces(traces, layer=1, top_k=4)
+    assert len(fig.axes) == 3
+    for ax in fig.axes[:2]:
+        assert len(ax.get_lines()) == 2
+    share = fig.axes[2].get_lines()
+    assert len(share) == 3 and share[0].get_ydata().tolist() == [0.3, 0.45]
+    assert list(share[2].get_ydata()) == [0.25, 0.25]  # the 1/K ceiling
+    assert fig.axes[0].get_title() == "layer 1: forget text"
+    with pytest.raises(ValueError, match="top_k"):
+        plot_traces(traces, layer=1, top_k=0)

@@ -130,3 +130,65 @@ def test_subset_stability_rejects_bad_sizes_and_k(zoo_qwen):
         subset_stability(model, tok, texts, sizes=(2,), seeds=(0,), k=99)
     with pytest.raises(ValueError, match="seed"):
         subset_stability(model, tok, texts, sizes=(2,), seeds=())
+
+
+def _two_layer_affinity(scale: float = 1.0) -> Affinity:
+    return _affinity({0: [0.1 * scale, 0.5 * scale, 0.2 * scale], 1: [0.9 * scale, 0.3 * scale, 0.4 * scale]},
+                     {0: [1, 5, 2], 1: [8, 1, 3]}, {0: [0, 3, 1], 1: [6, 0, 1]})  # fmt: skip
+
+
+def test_stability_by_size_sums_up_layers_and_seeds():
+    from uoe_nb.attribution_report import stability_by_size
+
+    rows = [{"size": s, "seed": seed, "tokens": 10 * s + seed, "layer": layer, "disjoint_overlap": d,
+             "full_overlap": f, "same_target": seed == 0}
+            for s, seed, layer, d, f in [(1, 0, 0, 0.5, 0.5), (1, 0, 1, 0.0, 0.5), (1, 1, 0, 1.0, 1.0),
+                                        (1, 1, 1, 0.5, 0.5), (4, 0, 0, 1.0, 1.0), (4, 0, 1, 1.0, 0.5)]]  # fmt: skip
+    table = stability_by_size(rows, target_layer=1)
+    assert list(table.index) == [1, 4]
+    assert table.loc[1, "tokens"] == pytest.approx(10.5) and table.loc[1, "disjoint_mean"] == pytest.approx(0.5)
+    assert table.loc[1, "same_target"] == pytest.approx(0.5) and table.loc[4, "same_target"] == 1.0
+    assert table.loc[1, "disjoint_overlap (target layer)"] == pytest.approx(0.25)
+    assert table.loc[4, "full_overlap (target layer)"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="layer 3"):
+        stability_by_size(rows, target_layer=3)
+    with pytest.raises(ValueError, match="no subset_stability rows"):
+        stability_by_size([], target_layer=0)
+
+
+def test_attribution_figures_draw_what_they_are_given():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from uoe_nb.attribution_report import plot_affinity, plot_share_vs_affinity, plot_subset_stability
+
+    forget, retain = _two_layer_affinity(), _two_layer_affinity(0.5)
+    assert forget.target == (1, 0)
+    fig = plot_affinity(forget, retain)
+    layer0, layer1 = fig.axes
+    assert [p.get_height() for p in layer0.patches] == pytest.approx([0.5, 0.2, 0.1])  # by forget affinity
+    red = [p.get_facecolor()[:3] for p in layer1.patches]
+    assert red[0] == pytest.approx(matplotlib.colors.to_rgb("tab:red"))  # the target, first in layer 1
+    assert red[1] == pytest.approx(matplotlib.colors.to_rgb("tab:blue"))
+    assert layer1.get_lines()[0].get_ydata() == pytest.approx([0.45, 0.2, 0.15])  # retain, same order
+    other = _affinity({0: [1.0, 0.0, 0.0]}, {0: [1, 0, 0]}, {0: [1, 0, 0]})
+    with pytest.raises(ValueError, match="different layers"):
+        plot_affinity(forget, other)
+
+    rows = [{"size": s, "seed": seed, "tokens": 100 * s, "layer": layer, "disjoint_overlap": 0.5 + 0.1 * s,
+             "full_overlap": 1.0, "same_target": True} for s in (1, 2) for seed in (0, 1) for layer in (0, 1)]  # fmt: skip
+    fig = plot_subset_stability(rows, 1, k=1, num_experts=3)
+    left, right = fig.axes
+    labels = left.get_legend_handles_labels()[1]
+    assert labels[:2] == ["chance (1/3)", "paper: 0.87 (100k-token subsets)"]  # the lines, then the curves
+    assert labels[2:] == ["layer 0", "layer 1 (target)"]
+    assert left.get_xscale() == "log" and right.get_lines()[0].get_ydata() == pytest.approx([1.0, 1.0])
+    no_paper = plot_subset_stability(rows, 1, k=1, num_experts=3, paper=None)
+    assert "paper" not in " ".join(no_paper.axes[0].get_legend_handles_labels()[1])
+    with pytest.raises(ValueError, match="k must be"):
+        plot_subset_stability(rows, 1, k=4, num_experts=3)
+
+    fig = plot_share_vs_affinity(forget)
+    points = fig.axes[0].collections
+    assert len(points) == 3  # one per layer and the circled target
+    assert points[-1].get_offsets().tolist() == [[pytest.approx(8 / 12), pytest.approx(0.9)]]

@@ -161,3 +161,48 @@ def test_compare_variants_attributes_once_and_gives_the_model_back(setup):
     assert not changed_parameters(model, state)
     with pytest.raises(ValueError, match="no variants"):
         compare_variants(model, tok, world.forget_corpus[:8], [], [], cfg, evaluate=evaluate)
+
+
+def _two_runs():
+    from types import SimpleNamespace
+
+    def run(kept):
+        history = [StepRecord(step=0, overlap_forget={0: 1.0, 1: 1.0}),
+                   StepRecord(step=10, overlap_forget=kept)]  # fmt: skip
+        return SimpleNamespace(history=history, best=history[-1])
+
+    return {"UOE": run({0: 0.5, 1: 0.25}), "every layer": run({0: 0.75, 1: 1.0})}
+
+
+def test_plot_layer_overlap_bars_per_layer_and_curves():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from uoe_nb.layer_study import plot_layer_overlap
+
+    fig = plot_layer_overlap(_two_runs(), target_layer=0)
+    kept, curve = fig.axes
+    assert [p.get_height() for p in kept.patches] == [0.5, 0.25, 0.75, 1.0]  # run by run, layer by layer
+    assert [t.get_text() for t in kept.get_xticklabels()] == ["layer 0", "layer 1"]
+    lines = curve.get_lines()
+    assert len(lines) == 2 and lines[0].get_ydata().tolist() == [1.0, 0.375]
+    with pytest.raises(ValueError, match="target layer 5"):
+        plot_layer_overlap(_two_runs(), target_layer=5)
+    with pytest.raises(ValueError, match="no runs"):
+        plot_layer_overlap({})
+
+
+def test_plot_kept_one_point_per_variant():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from uoe_nb.layer_study import plot_kept
+
+    rows = {"UOE": {"FA": 0.3, "UT": 0.7}, "3 experts": {"FA": 0.25, "UT": 0.6}}
+    fig = plot_kept(rows, {"forget_accuracy": 0.9, "utility_accuracy": 1.0}, target=0.35)
+    ax = fig.axes[0]
+    points = [c.get_offsets().tolist() for c in ax.collections]
+    assert points == [[[0.3, 0.7]], [[0.25, 0.6]], [[0.9, 1.0]]]
+    assert ax.get_legend_handles_labels()[1] == ["UOE", "3 experts", "before unlearning"]
+    assert list(ax.get_lines()[0].get_xdata()) == [0.35, 0.35]
+    assert len(plot_kept(rows).axes[0].collections) == 2

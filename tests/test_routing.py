@@ -77,3 +77,24 @@ def test_batches_tokenize_as_the_evaluation_does_with_the_tokenizers_special_tok
     batch = next(batches(tok, [text], batch_size=1))
     assert batch["input_ids"][0].tolist() == tok(text)["input_ids"]
     assert batch["input_ids"][0, 0].item() == bos
+
+
+def test_plot_expert_shares_ranks_each_layers_experts():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from uoe_nb.routing import plot_expert_shares
+
+    forget = {0: torch.tensor([0.1, 0.6, 0.3]), 2: torch.tensor([0.2, 0.2, 0.6]), 3: torch.tensor([1.0, 0, 0]),
+              5: torch.tensor([0.5, 0.25, 0.25]), 7: torch.tensor([0.3, 0.3, 0.4])}  # fmt: skip
+    retain = {k: torch.full((3,), 1 / 3) for k in forget}
+    fig = plot_expert_shares(forget, retain)
+    shown = [ax for ax in fig.axes if ax.axison]
+    assert len(fig.axes) == 8 and len(shown) == 5  # 2 x 4 grid, three panels hidden
+    assert [ax.get_title() for ax in shown] == ["layer 0", "layer 2", "layer 3", "layer 5", "layer 7"]
+    heights = [p.get_height() for p in shown[0].patches]
+    assert heights == pytest.approx([0.6, 0.3, 0.1])  # sorted, largest first
+    assert len(shown[0].get_lines()) == 1 and shown[0].get_lines()[0].get_ydata() == pytest.approx([1 / 3] * 3)
+    assert len(plot_expert_shares(forget).axes[0].get_lines()) == 0  # no retain: bars only
+    with pytest.raises(ValueError, match="different layers"):
+        plot_expert_shares(forget, {0: retain[0]})

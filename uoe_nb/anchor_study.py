@@ -8,19 +8,23 @@ Two small readers of an :class:`uoe_nb.unlearn.UnlearnResult`:
   (the quantity the anchor pushes up).
 * :func:`kept_row`: the kept checkpoint as one table row, plus the router-restored check
   of :mod:`uoe_nb.diagnostics` (how much of the forgetting lives in the routing).
+
+and two that sum them up: :func:`mean_sd` (a table of mean ± sd over seeds per setting)
+and :func:`plot_traces` (the routing at the target layer over the steps of each setting).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+import pandas as pd
 import torch
 from torch import nn
 
 from .diagnostics import router_restored_check
 
-__all__ = ["kept_row", "target_trace"]
+__all__ = ["kept_row", "mean_sd", "plot_traces", "target_trace"]
 
 
 def _target(result: Any) -> tuple[int, int]:
@@ -90,3 +94,47 @@ def kept_row(
         row["FA, routers restored"] = check.restored
         row["routing share"] = check.routing_share
     return row
+
+
+def mean_sd(runs: pd.DataFrame, columns: Sequence[str], by: str = "setting", digits: int = 3) -> pd.DataFrame:
+    """``mean ± sd`` of ``columns`` over the rows of each ``by`` group, as text (groups in first-seen order).
+
+    The sd is the population sd (``ddof=0``), so one seed shows ``± 0.0``.
+    """
+    missing = [c for c in [by, *columns] if c not in runs.columns]
+    if missing:
+        raise KeyError(f"columns {missing} are not in the runs; they have {list(runs.columns)}")
+    groups = runs.groupby(by, sort=False)[list(columns)]
+    return groups.mean().round(digits).astype(str) + " ± " + groups.std(ddof=0).round(digits).astype(str)
+
+
+TRACE_PANELS = (("overlap_forget", "forget text", "top-K overlap with original"),
+                ("overlap_retain", "retain text", "top-K overlap with original"),
+                ("target_share", "target expert, forget text", "share of top-K assignments"))  # fmt: skip
+
+
+def plot_traces(traces: Mapping[str, Iterable[Mapping[str, Any]] | pd.DataFrame], layer: int, top_k: int):
+    """Three panels over the unlearning steps, one line per setting (``traces``: label ->
+    :func:`target_trace` rows): the target layer's overlap with the original routing on
+    forget and on retain text, and the target expert's share of the forget tokens'
+    assignments, with its ceiling 1/``top_k`` dotted. Returns the figure.
+    """
+    import matplotlib.pyplot as plt
+
+    if top_k < 1:
+        raise ValueError(f"top_k must be at least 1, got {top_k}")
+    if not traces:
+        raise ValueError("no traces to draw")
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    for label, rows in traces.items():
+        trace = pd.DataFrame(rows)
+        for ax, (column, _, _) in zip(axes, TRACE_PANELS, strict=True):
+            ax.plot(trace["step"].tolist(), trace[column].tolist(), marker="o", label=label)
+    for ax, (_, title, ylabel) in zip(axes, TRACE_PANELS, strict=True):
+        ax.set_title(f"layer {layer}: {title}")
+        ax.set_xlabel("unlearning step")
+        ax.set_ylabel(ylabel)
+    axes[2].axhline(1 / top_k, color="grey", ls=":", label="1/K (every token)")
+    axes[2].legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -16,16 +16,30 @@ asks three questions of that choice, each returning plain rows for a table:
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import pandas as pd
 import torch
 from torch import nn
 
 from .attribution import Affinity, expert_affinity, token_count_ranking, top_k_overlap
 from .routing import batches
 
-__all__ = ["ranking_agreement", "spearman", "subset_stability", "target_specificity"]
+__all__ = [
+    "PAPER_SUBSET_OVERLAP",
+    "plot_affinity",
+    "plot_share_vs_affinity",
+    "plot_subset_stability",
+    "ranking_agreement",
+    "spearman",
+    "stability_by_size",
+    "subset_stability",
+    "target_specificity",
+]
+
+# The paper's later version: top-6 overlap of two disjoint 100k-token forget subsets.
+PAPER_SUBSET_OVERLAP = 0.87
 
 
 def _ranks(values: torch.Tensor) -> torch.Tensor:
@@ -177,3 +191,120 @@ def subset_stability(
                     }
                 )
     return rows
+
+
+def stability_by_size(rows: Iterable[Mapping[str, Any]], target_layer: int) -> pd.DataFrame:
+    """:func:`subset_stability`'s rows summed up per subset size (one row per size).
+
+    Columns: ``tokens`` (mean real tokens per subset), ``disjoint_mean`` /
+    ``disjoint_std`` (the top-k overlap of two disjoint subsets over layers and seeds),
+    ``full_mean`` (subset vs the whole set), ``same_target`` (share of subsets that
+    choose the whole set's target), and the two overlaps at ``target_layer`` alone.
+    """
+    sweep = pd.DataFrame(list(rows))
+    if sweep.empty:
+        raise ValueError("no subset_stability rows given")
+    if target_layer not in set(sweep["layer"]):
+        raise ValueError(f"layer {target_layer} is not in the rows; their layers are {sorted(set(sweep['layer']))}")
+    by_size = sweep.groupby("size").agg(
+        tokens=("tokens", "mean"),
+        disjoint_mean=("disjoint_overlap", "mean"),
+        disjoint_std=("disjoint_overlap", "std"),
+        full_mean=("full_overlap", "mean"),
+        same_target=("same_target", "mean"),
+    )
+    at_target = sweep[sweep.layer == target_layer].groupby("size")[["disjoint_overlap", "full_overlap"]].mean()
+    return by_size.join(at_target.add_suffix(" (target layer)"))
+
+
+def plot_affinity(forget: Affinity, retain: Affinity | None = None, *, ncols: int = 4):
+    """Eq. 2's affinities per MoE layer: bars for the forget text, the target expert in red.
+
+    Each panel ranks the layer's experts by forget affinity; dots give the same experts'
+    affinity on ``retain`` text (when given), so a domain-specific expert is a tall bar
+    over a low dot. Returns the figure.
+    """
+    from .plots import layer_panels
+
+    if retain is not None and retain.layers != forget.layers:
+        raise ValueError(f"forget and retain affinities cover different layers: {forget.layers} vs {retain.layers}")
+    fig, panels, first_column = layer_panels(forget.layers, ncols=ncols, height=3.0)
+    for layer, ax in panels.items():
+        order = forget.ranking(layer)
+        rank = range(1, len(order) + 1)
+        colours = ["tab:red" if (layer, e) == forget.target else "tab:blue" for e in order]
+        ax.bar(rank, forget.scores[layer][order].tolist(), color=colours, alpha=0.8, label="forget text")
+        if retain is not None:
+            ax.plot(rank, retain.scores[layer][order].tolist(), "k.", label="retain text, same expert")
+        ax.set_xlabel("expert rank by forget affinity")
+    for ax in first_column:
+        ax.set_ylabel("affinity $s_i^{(l)}$ (Eq. 2)")
+    first_column[0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_subset_stability(
+    rows: Iterable[Mapping[str, Any]],
+    target_layer: int,
+    *,
+    k: int,
+    num_experts: int,
+    paper: float | None = PAPER_SUBSET_OVERLAP,
+):
+    """:func:`subset_stability` against the subsets' size in tokens (log scale).
+
+    Left: the top-``k`` overlap of two disjoint subsets per MoE layer (mean and sd over
+    seeds), with chance (``k / num_experts``) and the paper's value (``paper``; ``None``
+    leaves it out). Right: the share of subsets whose own target is the whole set's.
+    Returns the figure.
+    """
+    import matplotlib.pyplot as plt
+
+    if not 1 <= k <= num_experts:
+        raise ValueError(f"k must be between 1 and num_experts ({num_experts}), got {k}")
+    rows = list(rows)
+    by_size = stability_by_size(rows, target_layer)
+    per_layer = pd.DataFrame(rows).groupby(["size", "layer"])["disjoint_overlap"].agg(["mean", "std"])
+    per_layer = per_layer.reset_index()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.6))
+    for layer, part in per_layer.groupby("layer"):
+        label = f"layer {layer}" + (" (target)" if layer == target_layer else "")
+        ax1.errorbar(by_size["tokens"].loc[part["size"]].tolist(), part["mean"].tolist(),
+                     yerr=part["std"].fillna(0).tolist(), marker="o", capsize=3, label=label)  # fmt: skip
+    ax1.axhline(k / num_experts, color="gray", ls="--", label=f"chance ({k}/{num_experts})")
+    if paper is not None:
+        ax1.axhline(paper, color="tab:red", ls=":", label=f"paper: {paper:g} (100k-token subsets)")
+    ax1.set_ylabel(f"top-{k} overlap of two disjoint subsets")
+    ax1.legend(fontsize=7)
+    ax2.plot(by_size["tokens"].tolist(), by_size["same_target"].tolist(), "o-")
+    ax2.set_ylabel("share of subsets choosing the full set's target")
+    for ax in (ax1, ax2):
+        ax.set_xscale("log")
+        ax.set_xlabel("tokens per subset")
+        ax.set_ylim(0, 1.05)
+    fig.tight_layout()
+    return fig
+
+
+def plot_share_vs_affinity(affinity: Affinity):
+    """Every expert as a point: its share of top-K assignments (Fig. 2) against Eq. 2.
+
+    One colour per MoE layer; the target expert is circled in red. Points off the
+    diagonal trend are experts that the two attributions rank differently. Returns the
+    figure.
+    """
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    for layer in affinity.layers:
+        ax.scatter(affinity.proportions[layer].tolist(), affinity.scores[layer].tolist(), s=14,
+                   label=f"layer {layer}")  # fmt: skip
+    layer, expert = affinity.target
+    ax.scatter([float(affinity.proportions[layer][expert])], [float(affinity.scores[layer][expert])], s=120,
+               facecolors="none", edgecolors="tab:red", label="target expert")  # fmt: skip
+    ax.set_xlabel("share of top-K token assignments (Fig. 2)")
+    ax.set_ylabel("affinity $s_i^{(l)}$ (Eq. 2)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -43,6 +43,8 @@ __all__ = [
     "layer_rank_variants",
     "mean_overlap",
     "overlap_curve",
+    "plot_kept",
+    "plot_layer_overlap",
     "random_expert_variant",
     "run_variant",
     "starting_from",
@@ -252,3 +254,76 @@ def compare_variants(
         row, _ = run_variant(model, tokenizer, forget, retain, variant, config, evaluate=evaluate, affinity=affinity)
         rows.append(row)
     return pd.DataFrame(rows).set_index("variant"), affinity
+
+
+def plot_layer_overlap(results: Mapping[str, UnlearnResult], target_layer: int | None = None):
+    """Figs. 4 and 5 for the runs in ``results`` (label -> result), side by side.
+
+    Left: the expert-selection overlap of the forget text per MoE layer at each run's
+    kept checkpoint (one group of bars per layer, a dotted line at ``target_layer``).
+    Right: the overlap averaged over layers along each run (:func:`overlap_curve`).
+    Returns the figure.
+    """
+    import matplotlib.pyplot as plt
+
+    if not results:
+        raise ValueError("no runs to draw")
+    layers = sorted({layer for r in results.values() for layer in r.best.overlap_forget})
+    if not layers:
+        raise ValueError("the runs recorded no expert-selection overlap (monitor_docs=0?)")
+    fig, (ax_kept, ax_curve) = plt.subplots(1, 2, figsize=(11, 3.6))
+    width = 0.8 / len(results)
+    for i, (label, result) in enumerate(results.items()):
+        kept = result.best.overlap_forget
+        ax_kept.bar([x - 0.4 + (i + 0.5) * width for x in range(len(layers))],
+                    [kept.get(layer, math.nan) for layer in layers], width, label=label)  # fmt: skip
+        curve = overlap_curve(result, "forget")
+        ax_curve.plot([r["step"] for r in curve], [r["mean"] for r in curve], "o-", label=label)
+    ax_kept.set_xticks(range(len(layers)), [f"layer {layer}" for layer in layers])
+    ax_kept.set_ylabel("expert-selection overlap (forget text)")
+    ax_kept.set_title("at the kept checkpoint (cf. Fig. 4)")
+    if target_layer is not None:
+        if target_layer not in layers:
+            raise ValueError(f"target layer {target_layer} is not a monitored MoE layer {layers}")
+        ax_kept.axvline(layers.index(target_layer), color="grey", ls=":", lw=1)
+    ax_curve.set_xlabel("unlearning step")
+    ax_curve.set_ylabel("mean overlap over layers (forget text)")
+    ax_curve.set_title("over the run (cf. Fig. 5)")
+    for ax in (ax_kept, ax_curve):
+        ax.set_ylim(0, 1.05)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_kept(
+    rows: Mapping[str, Mapping[str, Any]],
+    before: Mapping[str, float] | None = None,
+    *,
+    target: float | None = None,
+    highlight: str = "UOE",
+):
+    """The kept checkpoint of every variant (label -> :func:`run_variant` row) as a point
+    of forget accuracy against utility; ``highlight`` as a star, the model ``before``
+    unlearning (its ``forget_accuracy`` / ``utility_accuracy``) as a black square, the
+    stop ``target`` as a dotted line. Returns the figure.
+    """
+    import matplotlib.pyplot as plt
+
+    if not rows:
+        raise ValueError("no variants to draw")
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for label, row in rows.items():
+        star = label == highlight
+        ax.scatter(row["FA"], row["UT"], s=90 if star else 50, marker="*" if star else "o", label=label)
+    if before is not None:
+        ax.scatter(before["forget_accuracy"], before["utility_accuracy"], marker="s", color="k",
+                   label="before unlearning")  # fmt: skip
+    if target is not None:
+        ax.axvline(target, color="grey", ls=":", lw=1)
+    ax.set_xlabel("forget accuracy FA (lower is better)")
+    ax.set_ylabel("utility UT (higher is better)")
+    ax.set_title("kept checkpoints of every variant")
+    ax.legend(fontsize=7, loc="center right")
+    fig.tight_layout()
+    return fig

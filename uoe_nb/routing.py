@@ -15,7 +15,7 @@ from torch import nn
 from .moe import capture_routing, find_moe_layers
 from .progress import progress
 
-__all__ = ["batches", "entropy", "token_proportions", "top_share"]
+__all__ = ["batches", "entropy", "plot_expert_shares", "token_proportions", "top_share"]
 
 
 def batches(
@@ -82,3 +82,31 @@ def entropy(p: torch.Tensor) -> float:
 def top_share(p: torch.Tensor, k: int = 1) -> float:
     """The share of the ``k`` largest entries."""
     return float(p.sort(descending=True).values[:k].sum())
+
+
+def plot_expert_shares(
+    forget: Mapping[int, torch.Tensor], retain: Mapping[int, torch.Tensor] | None = None, *, ncols: int = 4
+):
+    """Fig. 2: per MoE layer, the experts' shares of the forget text's assignments.
+
+    ``forget`` and ``retain`` are :func:`token_proportions` results. Each panel ranks the
+    layer's experts by their share (bars: forget text; dots: retain text, ranked by its
+    own shares), so a long tail shows as a tall first bar falling fast. Returns the figure.
+    """
+    from .plots import layer_panels
+
+    if retain is not None and set(retain) != set(forget):
+        raise ValueError(f"forget and retain shares cover different layers: {sorted(forget)} vs {sorted(retain)}")
+    fig, panels, first_column = layer_panels(sorted(forget), ncols=ncols)
+    for layer, ax in panels.items():
+        shares = forget[layer].sort(descending=True).values
+        rank = range(1, len(shares) + 1)
+        ax.bar(rank, shares.tolist(), alpha=0.7, label="forget domain")
+        if retain is not None:
+            ax.plot(rank, retain[layer].sort(descending=True).values.tolist(), "k.-", label="retain text")
+        ax.set_xlabel("expert rank")
+    for ax in first_column:
+        ax.set_ylabel("share of assignments")
+    first_column[0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
