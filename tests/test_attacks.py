@@ -345,3 +345,65 @@ def test_chapter_writes_no_measured_number_by_hand():
                 line = re.sub(r"\w=\d*\.\d+", "", line)  # keyword arguments: styling, not results
             for number in re.findall(r"(?<![\w.:])\d*\.\d+", line):
                 assert number in paper_numbers, f"hand-written number {number} in: {line.strip()}"
+
+
+def test_plot_losses_best_and_chosen_loss_per_model_in_one_colour():
+    import matplotlib
+
+    matplotlib.use("Agg")
+
+    def result(losses):
+        best = [min(losses[: i + 1]) for i in range(len(losses))]
+        return attacks.GCGResult(suffix="x", suffix_ids=[1], losses=losses, best_losses=best, best_step=0,
+                                 initial_suffix="x", retokenizes=True, skipped_candidates=0, config=GCGConfig())  # fmt: skip
+
+    fig = attacks.plot_losses({"original": result([3.0, 2.0, 2.5]), "GA": result([5.0, 4.0, 4.5])}, target="Sure")
+    ax = fig.axes[0]
+    lines = ax.get_lines()
+    assert len(lines) == 4
+    assert lines[0].get_ydata().tolist() == [3.0, 2.0, 2.0] and lines[1].get_ydata().tolist() == [3.0, 2.0, 2.5]
+    assert lines[0].get_color() == lines[1].get_color() != lines[2].get_color()
+    assert ax.get_title() == 'GCG towards "Sure"'
+    assert ax.get_legend_handles_labels()[1] == ["original (best so far)", "GA (best so far)"]
+    with pytest.raises(ValueError, match="no GCG results"):
+        attacks.plot_losses({})
+
+
+def _measurement(without, with_attack):
+    from uoe_nb.evaluation import MCResult
+
+    def result(acc):
+        return MCResult(accuracy=acc, n=4, stderr=0.1, correct=[True] * int(4 * acc) + [False] * (4 - int(4 * acc)))
+
+    return attacks.AttackMeasurement(result(without), result(with_attack))
+
+
+def test_table9_puts_the_papers_fa_beside_ours_where_it_reports_the_model():
+    import math
+
+    forget = {"original": _measurement(0.75, 1.0), "GA+UOE": _measurement(0.25, 0.5)}
+    utility = {"original": _measurement(1.0, 0.75), "GA+UOE": _measurement(0.75, 0.75)}
+    table = attacks.table9(forget, utility)
+    assert list(table.index) == ["original", "GA+UOE"]
+    assert table.loc["GA+UOE", "paper FA with attack"] == attacks.PAPER_TABLE9["GA+UOE"]["FA with attack"]
+    assert math.isnan(table.loc["original", "paper FA without attack"])
+    assert table.loc["GA+UOE", "ours FA with attack"] == 0.5 and table.loc["original", "ours UT with attack"] == 0.75
+    assert "ours UT without attack" not in attacks.table9(forget).columns
+    with pytest.raises(ValueError, match="same models"):
+        attacks.table9(forget, {"original": utility["original"]})
+
+
+def test_table8_lines_up_questions_answers_and_generations():
+    def gens(without, with_attack):
+        return attacks.Generations(prompts=["p1", "p2"], answers=["a1", "a2"], without_attack=without,
+                                   with_attack=with_attack, recall_without=[1.0, 0.0], recall_with=[0.0, 0.0])  # fmt: skip
+
+    generations = {"original": gens(["a1", "x"], ["a1", "y"]), "GA+UOE": gens(["zz", "zz"], ["a1", "q"])}
+    table = attacks.table8(["Q1?", "Q2?"], generations, unlearned="GA+UOE")
+    assert list(table.columns) == ["question", "answer", "original", "GA+UOE", "GA+UOE + suffix"]
+    assert table.iloc[0].tolist() == ["Q1?", "a1", "a1", "zz", "a1"]
+    with pytest.raises(KeyError, match="GA"):
+        attacks.table8(["Q1?", "Q2?"], generations, unlearned="GA")
+    with pytest.raises(ValueError, match="1 questions"):
+        attacks.table8(["Q1?"], generations, unlearned="GA+UOE")
+    assert len(attacks.PAPER_TABLE8) == 2 and attacks.PAPER_TABLE8[1]["original"] == "America"

@@ -1,5 +1,7 @@
 """Real-size architectures counted on the meta device, step cost and the end-to-end pipeline."""
 
+import math
+
 import pytest
 import torch
 
@@ -224,3 +226,36 @@ def test_footprint_markdown_has_one_row_per_preset():
     lines = scale.footprint_markdown(["granite-3.0-1b-a400m", "olmoe-1b-7b"]).splitlines()
     assert lines[0].startswith("| model | family | parameters (B)") and len(lines) == 4
     assert lines[2].startswith("| `granite-3.0-1b-a400m` | granitemoe | 1.335 |")
+
+
+def test_plot_footprints_three_bars_per_model_from_footprints_or_their_table():
+    import matplotlib
+    import pandas as pd
+
+    matplotlib.use("Agg")
+    footprints = [scale.footprint(name, name=name) for name in ("olmoe-1b-7b", "qwen1.5-moe-a2.7b")]
+    fig = scale.plot_footprints(footprints)
+    ax = fig.axes[0]
+    heights = [p.get_height() for p in ax.patches]
+    assert len(heights) == 6 and ax.get_yscale() == "log"
+    assert heights[0] == pytest.approx(footprints[0].weights_gib)  # weights, then full state, then UOE
+    assert heights[3] == pytest.approx(footprints[1].full_state_gib)
+    assert heights[5] == pytest.approx(footprints[1].uoe_state_gib)
+    table = pd.DataFrame([f.as_row() for f in footprints]).set_index("model")
+    same = [p.get_height() for p in scale.plot_footprints(table).axes[0].patches]
+    assert same == heights
+    with pytest.raises(KeyError, match="UOE state"):
+        scale.plot_footprints(table.drop(columns=["UOE state (GiB)"]))
+
+
+def test_table3_puts_the_papers_uoe_fraction_beside_ours():
+    footprints = [scale.footprint(name, name=name) for name in ("qwen1.5-moe-a2.7b", "deepseek-v2-lite")]
+    table = scale.table3(footprints)
+    assert list(table.index) == ["qwen1.5-moe-a2.7b", "deepseek-v2-lite", "mixtral-8x7b"]
+    assert table.loc["qwen1.5-moe-a2.7b", "paper UOE fraction (%)"] == 0.06
+    assert table.loc["deepseek-v2-lite", "paper model"] == "DeepSeek-V2-Lite"
+    ours = 100 * footprints[1].uoe_trainable / footprints[1].total
+    assert table.loc["deepseek-v2-lite", "ours (%)"] == pytest.approx(ours)
+    assert math.isnan(table.loc["mixtral-8x7b", "ours (%)"])  # not among the footprints
+    with pytest.raises(ValueError, match="no footprints"):
+        scale.table3([])

@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import pandas as pd
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
@@ -44,14 +45,17 @@ __all__ = [
     "Benchmark",
     "Footprint",
     "MemoryMeter",
+    "PAPER_PRESETS",
     "PipelineReport",
     "StepCost",
     "architecture_config",
     "footprint",
     "load_benchmark",
     "measure_uoe_step",
+    "plot_footprints",
     "random_model_of",
     "run_pipeline",
+    "table3",
     "tiny_benchmark",
 ]
 
@@ -779,6 +783,65 @@ def run_pipeline(
         device=str(device),
     )
     return report, result
+
+
+#: The paper's models (Table 3) and the presets of their architectures.
+PAPER_PRESETS = {"Qwen1.5-MoE": "qwen1.5-moe-a2.7b", "DeepSeek-V2-Lite": "deepseek-v2-lite",
+                 "Mixtral-8x7B": "mixtral-8x7b"}  # fmt: skip
+
+
+def _footprint_table(footprints: Sequence[Footprint] | pd.DataFrame) -> pd.DataFrame:
+    if isinstance(footprints, pd.DataFrame):
+        table = footprints
+    else:
+        rows = [f.as_row() for f in footprints]
+        table = pd.DataFrame(rows).set_index("model") if rows else pd.DataFrame()
+    if table.empty:
+        raise ValueError("no footprints given")
+    return table
+
+
+def table3(footprints: Sequence[Footprint] | pd.DataFrame) -> pd.DataFrame:
+    """Table 3 beside ours: UOE's trainable parameters as a share of all, per paper model.
+
+    ``footprints`` are :func:`footprint` results named by preset (or their ``as_row()``
+    frame); one row per model of :data:`PAPER_PRESETS`, indexed by preset, with the
+    paper's percentage and ours (``nan`` for a preset not among the footprints).
+    """
+    from .baselines import PAPER_PARAMETER_RATIOS
+
+    ours = _footprint_table(footprints)["UOE fraction (%)"]
+    rows = [{"model": preset, "paper model": paper, "paper UOE fraction (%)": PAPER_PARAMETER_RATIOS[paper]["uoe"],
+             "ours (%)": float(ours.get(preset, math.nan))} for paper, preset in PAPER_PRESETS.items()]  # fmt: skip
+    return pd.DataFrame(rows).set_index("model")
+
+
+def plot_footprints(footprints: Sequence[Footprint] | pd.DataFrame):
+    """Weights against the gradient + AdamW state of whole-model and UOE training, per model.
+
+    ``footprints`` are :func:`footprint` results, or a frame of their ``as_row()`` rows
+    indexed by model. Three bars per model on a log scale; activations are not counted.
+    Returns the figure.
+    """
+    import matplotlib.pyplot as plt
+
+    table = _footprint_table(footprints)
+    bars = {"weights (GiB)": "weights", "full GA state (GiB)": "full-model training state",
+            "UOE state (GiB)": "UOE training state"}  # fmt: skip
+    missing = [c for c in bars if c not in table.columns]
+    if missing:
+        raise KeyError(f"the table lacks {missing}: give Footprint.as_row() rows")
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    width = 0.27
+    for i, (column, label) in enumerate(bars.items()):
+        ax.bar([x + (i - 1) * width for x in range(len(table))], table[column].tolist(), width, label=label)
+    ax.set_xticks(range(len(table)), [str(m) for m in table.index], rotation=15, fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("memory (GiB, log scale)")
+    ax.set_title("weights vs gradient + AdamW state, activations excluded")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
 
 
 def footprint_markdown(names: Sequence[str] | None = None) -> str:
