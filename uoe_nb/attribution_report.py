@@ -237,6 +237,7 @@ def plot_affinity(forget: Affinity, retain: Affinity | None = None, *, ncols: in
         if retain is not None:
             ax.plot(rank, retain.scores[layer][order].tolist(), "k.", label="retain text, same expert")
         ax.set_xlabel("expert rank by forget affinity")
+        ax.xaxis.get_major_locator().set_params(integer=True)  # ranks are whole numbers
     for ax in first_column:
         ax.set_ylabel("affinity $s_i^{(l)}$ (Eq. 2)")
     first_column[0].legend(fontsize=8)

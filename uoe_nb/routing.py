@@ -105,6 +105,7 @@ def plot_expert_shares(
         if retain is not None:
             ax.plot(rank, retain[layer].sort(descending=True).values.tolist(), "k.-", label="retain text")
         ax.set_xlabel("expert rank")
+        ax.xaxis.get_major_locator().set_params(integer=True)  # ranks are whole numbers
     for ax in first_column:
         ax.set_ylabel("share of assignments")
     first_column[0].legend(fontsize=8)
