@@ -96,3 +96,19 @@ def test_plot_traces_one_line_per_setting_in_each_panel():
     assert fig.axes[0].get_title() == "layer 1: forget text"
     with pytest.raises(ValueError, match="top_k"):
         plot_traces(traces, layer=1, top_k=0)
+
+
+def test_table10_by_alpha_with_the_released_codes_units():
+    import pandas as pd
+
+    from uoe_nb.anchor_study import table10
+
+    sweep = pd.DataFrame({"FA": [0.3, 0.25], "UT": [0.8, 0.7], "kept step": [20, 30], "target share": [0.2, 0.24],
+                          "overlap retain": [0.9, 0.8], "seed": [0, 0]}, index=[0.0, 10.0])  # fmt: skip
+    table = table10(sweep, label="ours (tiny)", num_experts=8)
+    assert list(table.index) == [0.0, 10.0] and table.index.name == "α (paper)"
+    assert table.loc[0.0, "paper UT (DeepSeek-V2-Lite, RWKU)"] == 0.5435
+    assert math.isnan(table.loc[10.0, "paper FA (DeepSeek-V2-Lite, RWKU)"])  # the paper has no alpha 10
+    assert table.loc[10.0, "α (released code)"] == 80.0 and table.loc[10.0, "ours (tiny) kept step"] == 30
+    assert "seed" not in " ".join(table.columns)
+    assert "α (released code)" not in table10(sweep, label="ours").columns

@@ -206,3 +206,39 @@ def test_plot_kept_one_point_per_variant():
     assert ax.get_legend_handles_labels()[1] == ["UOE", "3 experts", "before unlearning"]
     assert list(ax.get_lines()[0].get_xdata()) == [0.35, 0.35]
     assert len(plot_kept(rows).axes[0].collections) == 2
+
+
+def test_beside_paper_puts_the_papers_values_first_and_nan_where_it_has_none():
+    from uoe_nb.layer_study import PAPER_TABLE5, PAPER_TABLE6, beside_paper
+
+    ours = {1: {"FA": 0.3, "UT": 0.7, "step": 20, "trainable": 10}, 2: {"FA": 0.2, "UT": 0.6, "step": 30, "trainable": 20}}
+    table = beside_paper(ours, PAPER_TABLE5, index="experts", source="paper model", label="ours (tiny)",
+                         columns=("FA", "UT", "trainable"))  # fmt: skip
+    assert table.index.name == "experts" and list(table.index) == [1, 2]
+    assert list(table.columns) == ["paper UT (paper model)", "ours (tiny) FA", "ours (tiny) UT", "ours (tiny) trainable"]
+    assert table.loc[1, "paper UT (paper model)"] == 0.51 and math.isnan(table.loc[2, "paper UT (paper model)"])
+    assert table.loc[2, "ours (tiny) trainable"] == 20
+    named = beside_paper({"random": ours[1]}, PAPER_TABLE6, index="expert", source="Qwen, RMU", label="ours",
+                         names={"random": "random (3)"})  # fmt: skip
+    assert list(named.index) == ["random (3)"] and named.loc["random (3)", "paper FA (Qwen, RMU)"] == 0.3505
+    with pytest.raises(KeyError, match="step"):
+        beside_paper({1: {"FA": 0.3, "UT": 0.7}}, PAPER_TABLE5, index="k", source="s", label="ours")
+    with pytest.raises(ValueError, match="no rows"):
+        beside_paper({}, PAPER_TABLE5, index="k", source="s", label="ours")
+
+
+def test_rank_table_ranks_layers_by_top1_affinity():
+    from uoe_nb.attribution import Affinity
+    from uoe_nb.layer_study import rank_table
+
+    scores = {0: torch.tensor([0.1, 0.2]), 1: torch.tensor([0.9, 0.3]), 3: torch.tensor([0.4, 0.5])}
+    counts = {k: torch.tensor([1, 1]) for k in scores}
+    aff = Affinity(scores=scores, proportions={k: v / 2 for k, v in counts.items()}, assignment_counts=counts,
+                   top1_counts=counts, num_sequences=1, num_tokens=2)  # fmt: skip
+    runs = {(1, 0): {"FA": 0.3, "UT": 0.8, "step": 10}, (0, 1): {"FA": 0.3, "UT": 0.5, "step": 40}}
+    table = rank_table(aff, runs, label="ours")
+    assert list(table.index) == ["1 of 3", "3 of 3"]
+    assert table.loc["3 of 3", "layer"] == 0 and table.loc["3 of 3", "expert"] == 1
+    assert table.loc["1 of 3", "top-1 affinity"] == pytest.approx(0.9) and table.loc["3 of 3", "ours UT"] == 0.5
+    with pytest.raises(ValueError, match="layer 2"):
+        rank_table(aff, {(2, 0): runs[(1, 0)]}, label="ours")

@@ -24,7 +24,14 @@ from torch import nn
 
 from .diagnostics import router_restored_check
 
-__all__ = ["kept_row", "mean_sd", "plot_traces", "target_trace"]
+__all__ = ["PAPER_TABLE10", "kept_row", "mean_sd", "plot_traces", "table10", "target_trace"]
+
+
+# Table 10 (GA+UOE on RWKU, DeepSeek-V2-Lite): forget accuracy and utility by the anchor
+# weight alpha of Eq. 4.
+PAPER_TABLE10: dict[float, dict[str, float]] = {0.0: {"FA": 0.0, "UT": 0.5435}, 1.0: {"FA": 0.0, "UT": 0.5485},
+                                                100.0: {"FA": 0.0, "UT": 0.5471},
+                                                1000.0: {"FA": 0.0, "UT": 0.5468}}  # fmt: skip
 
 
 def _target(result: Any) -> tuple[int, int]:
@@ -138,3 +145,19 @@ def plot_traces(traces: Mapping[str, Iterable[Mapping[str, Any]] | pd.DataFrame]
     axes[2].legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def table10(sweep: pd.DataFrame, *, label: str, num_experts: int | None = None) -> pd.DataFrame:
+    """Table 10 beside ours: ``sweep`` holds one :func:`kept_row` per anchor weight, indexed
+    by the paper's alpha; the result has the paper's FA and UT where it reports the alpha,
+    then ours (``<label> FA``, UT, kept step, target share, overlap retain), and, given
+    ``num_experts``, the same alpha in the released code's units (alpha x experts)."""
+    from .layer_study import beside_paper
+
+    columns = ["FA", "UT", "kept step", "target share", "overlap retain"]
+    rows = {alpha: sweep.loc[alpha] for alpha in sweep.index}
+    table = beside_paper(rows, PAPER_TABLE10, index="α (paper)", source="DeepSeek-V2-Lite, RWKU", label=label,
+                         columns=columns)  # fmt: skip
+    if num_experts is not None:
+        table.insert(2, "α (released code)", [alpha * num_experts for alpha in table.index])
+    return table

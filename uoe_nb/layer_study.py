@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import pandas as pd
 from torch import nn
 
 from .attribution import Affinity
@@ -37,7 +38,11 @@ from .scopes import Scope, uoe
 from .unlearn import PARTS, StepRecord, UnlearnConfig, UnlearnResult, takes_parts, unlearn
 
 __all__ = [
+    "PAPER_TABLE5",
+    "PAPER_TABLE6",
+    "PAPER_TABLE7",
     "Variant",
+    "beside_paper",
     "compare_variants",
     "expert_variant",
     "layer_rank_variants",
@@ -46,9 +51,26 @@ __all__ = [
     "plot_kept",
     "plot_layer_overlap",
     "random_expert_variant",
+    "rank_table",
     "run_variant",
     "starting_from",
 ]
+
+# The paper's ablations, each at FA ~ 0.25. Table 5 (GA on WMDP; the caption names no
+# model, and its one-expert utility is DeepSeek-V2-Lite's GA+UOE entry of Table 2):
+# utility by the number of experts of the target layer that are unlearned.
+PAPER_TABLE5: dict[int, dict[str, float]] = {1: {"UT": 0.5100}, 3: {"UT": 0.4856}, 6: {"UT": 0.4652}}
+# Table 6 (RMU on WMDP, Qwen1.5-MoE): the attributed expert against a random one.
+PAPER_TABLE6: dict[str, dict[str, float]] = {"attributed": {"FA": 0.2536, "UT": 0.5351},
+                                             "random": {"FA": 0.3505, "UT": 0.5947}}  # fmt: skip
+# Table 7 (GA on RWKU, DeepSeek-V2-Lite, 26 MoE layers): UOE on the layer of each
+# top-1 affinity rank.
+PAPER_TABLE7: dict[int, dict[str, float]] = {
+    1: {"top-1 affinity": 0.2110, "UT": 0.5485}, 2: {"top-1 affinity": 0.1957, "UT": 0.5475},
+    3: {"top-1 affinity": 0.1695, "UT": 0.5453}, 13: {"top-1 affinity": 0.1115, "UT": 0.5445},
+    20: {"top-1 affinity": 0.0942, "UT": 0.5441}, 23: {"top-1 affinity": 0.0844, "UT": 0.4262},
+    26: {"top-1 affinity": 0.0618, "UT": 0.2355},
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -327,3 +349,58 @@ def plot_kept(
     ax.legend(fontsize=7, loc="center right")
     fig.tight_layout()
     return fig
+
+
+def beside_paper(
+    ours: Mapping[Any, Mapping[str, Any]],
+    paper: Mapping[Any, Mapping[str, float]],
+    *,
+    index: str,
+    source: str,
+    label: str,
+    columns: Sequence[str] = ("FA", "UT", "step"),
+    names: Mapping[Any, Any] | None = None,
+) -> pd.DataFrame:
+    """One of the paper's ablation tables beside ours, one row per entry of ``ours``.
+
+    ``ours`` maps the paper's row key (e.g. the number of experts of Table 5) to our
+    :func:`run_variant` row; ``paper`` is one of :data:`PAPER_TABLE5` / ``6`` / ``7``.
+    Columns: each value the paper reports, as ``paper <name> (<source>)`` (``nan`` where it
+    has no row for the key), then each of ``columns`` of ours, as ``<label> <column>``
+    (e.g. ``label="ours (tiny)"``). ``names`` relabels the rows (key -> index label); the
+    index is named ``index``.
+    """
+    if not ours:
+        raise ValueError("no rows of ours given")
+    reported = list(dict.fromkeys(col for entry in paper.values() for col in entry))
+    rows = []
+    for key, row in ours.items():
+        missing = [c for c in columns if c not in row]
+        if missing:
+            raise KeyError(f"row {key!r} has no {missing}; it has {list(row)}")
+        out: dict[str, Any] = {index: (names or {}).get(key, key)}
+        out.update({f"paper {c} ({source})": paper.get(key, {}).get(c, math.nan) for c in reported})
+        out.update({f"{label} {c}": row[c] for c in columns})
+        rows.append(out)
+    return pd.DataFrame(rows).set_index(index)
+
+
+def rank_table(
+    affinity: Affinity, runs: Mapping[tuple[int, int], Mapping[str, Any]], *, label: str
+) -> pd.DataFrame:
+    """Table 7 for our runs: one row per UOE run at the top-1 expert of some layer.
+
+    ``runs`` maps each run's target ``(layer, expert)`` to its :func:`run_variant` row.
+    Columns: the layer's rank by top-1 affinity (``"r of n"``, the index), the layer,
+    the expert, its top-1 affinity, and the kept checkpoint's FA, UT and step as
+    ``<label> FA`` and so on.
+    """
+    ranking = affinity.layer_ranking()
+    rows = []
+    for (layer, expert), row in runs.items():
+        if layer not in ranking:
+            raise ValueError(f"layer {layer} is not a MoE layer of the affinity ({ranking})")
+        rows.append({"layer rank": f"{ranking.index(layer) + 1} of {len(ranking)}", "layer": layer, "expert": expert,
+                     "top-1 affinity": affinity.top1(layer),
+                     **{f"{label} {c}": row[c] for c in ("FA", "UT", "step")}})  # fmt: skip
+    return pd.DataFrame(rows).set_index("layer rank")
