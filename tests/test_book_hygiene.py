@@ -182,6 +182,22 @@ def mathjax_problems(config_path: Path) -> list[str]:
 NOTEBOOKS = book_pages(ROOT / "book", (".ipynb",))
 
 
+# (e) figures come from the library: a chapter calls a plot_* helper, it draws nothing itself
+
+DRAWING = re.compile(r"\bimport\s+matplotlib|\bfrom\s+matplotlib\b|\bplt\.|\.subplots\(|\bax\w*\.(plot|bar|scatter|set_\w+)\(")
+
+
+def drawing_problems(path: Path) -> list[str]:
+    """Code cells that assemble a figure with matplotlib instead of calling a uoe_nb helper."""
+    problems = []
+    for i, cell in enumerate(load_notebook(path)["cells"]):
+        if cell["cell_type"] == "code":
+            for line in cell_source(cell).splitlines():
+                if DRAWING.search(line.split("#", 1)[0]):
+                    problems.append(f"{path.name}: cell {i} draws with matplotlib: {line.strip()}")
+    return problems
+
+
 def _id(path: Path) -> str:
     return path.relative_to(ROOT).as_posix()
 
@@ -205,6 +221,12 @@ def test_toc_lists_exactly_the_book_pages():
 def test_chapter_is_ready_for_colab(notebook):
     problems = chapter_problems(notebook, ROOT)
     assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=_id)
+def test_chapter_draws_through_the_library(notebook):
+    problems = drawing_problems(notebook)
+    assert not problems, "move the figure into a plot_* helper of uoe_nb:\n" + "\n".join(problems)
 
 
 def test_mathjax_is_vendored():
@@ -363,3 +385,14 @@ def test_mathjax_from_cdn_or_missing_is_caught(tmp_path):
     fonts.mkdir(parents=True)
     (fonts / "MathJax_Main-Regular.woff").write_bytes(b"")
     assert mathjax_problems(write_config(tmp_path, "mathjax/tex-chtml.js")) == []
+
+
+def test_figure_code_in_a_chapter_is_caught(tmp_path):
+    path = good_chapter(tmp_path)
+    assert drawing_problems(path) == []
+    drawn = make_notebook(tmp_path / "book" / "03_drawn.ipynb", [
+        code("import matplotlib.pyplot as plt\n"), code("fig, ax = plt.subplots()\nax.bar([0], [1])\n"),
+        code("fig = routing.plot_expert_shares(shares)  # plt. in a comment is fine\n")])  # fmt: skip
+    problems = drawing_problems(drawn)
+    assert [p.split(":")[1].strip() for p in problems] == ["cell 0 draws with matplotlib", "cell 1 draws with matplotlib",
+                                                           "cell 1 draws with matplotlib"]  # fmt: skip
