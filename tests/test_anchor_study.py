@@ -112,3 +112,19 @@ def test_table10_by_alpha_with_the_released_codes_units():
     assert table.loc[10.0, "α (released code)"] == 80.0 and table.loc[10.0, "ours (tiny) kept step"] == 30
     assert "seed" not in " ".join(table.columns)
     assert "α (released code)" not in table10(sweep, label="ours").columns
+
+
+def test_beside_table2_means_over_seeds_next_to_the_papers_ga_uoe():
+    import pandas as pd
+
+    from uoe_nb.anchor_study import beside_table2
+
+    runs = pd.DataFrame({"setting": ["b", "a", "b", "a"], "original FA": [0.9] * 4, "original UT": [1.0] * 4,
+                         "FA": [0.2, 0.5, 0.4, 0.5], "UT": [1.0, 0.25, 0.5, 0.75]})  # fmt: skip
+    table = beside_table2(runs, label="ours")
+    assert list(table.columns) == ["paper (Qwen1.5-MoE)", "paper (DeepSeek-V2-Lite)", "ours: b", "ours: a"]
+    assert table.loc["GA+UOE UT", "paper (Qwen1.5-MoE)"] == 0.5012
+    assert table.loc["original FA", "paper (DeepSeek-V2-Lite)"] == 0.3804
+    assert table.loc["GA+UOE FA", "ours: b"] == pytest.approx(0.3) and table.loc["GA+UOE UT", "ours: a"] == 0.5
+    with pytest.raises(KeyError, match="original UT"):
+        beside_table2(runs.drop(columns=["original UT"]), label="ours")

@@ -3,6 +3,7 @@ hand-made affinities, and subset stability on a zoo model against direct affinit
 
 import math
 import random
+import re
 
 import numpy as np
 import pytest
@@ -192,3 +193,27 @@ def test_attribution_figures_draw_what_they_are_given():
     points = fig.axes[0].collections
     assert len(points) == 3  # one per layer and the circled target
     assert points[-1].get_offsets().tolist() == [[pytest.approx(8 / 12), pytest.approx(0.9)]]
+
+
+def test_attribution_summary_agrees_with_the_pieces_it_sums_up(zoo_qwen):
+    from uoe_nb.attribution_report import attribution_summary, paper_comparison
+    from uoe_nb.world import build_world
+
+    model, tok, texts = zoo_qwen
+    retain = build_world(0).retain_corpus[:16]
+    row = attribution_summary(model, tok, texts, retain, name="qwen", top_k=3, seeds=(0, 1), batch_size=8)
+    full = expert_affinity(model, batches(tok, texts, batch_size=8))
+    layer, expert = full.target
+    assert row["target (layer, expert)"] == f"({layer}, {expert})" and row["tokens"] == full.num_tokens
+    assert row["top-1 affinity"] == pytest.approx(full.top1(layer)) and row["k"] == 3
+    halves = [r for r in subset_stability(model, tok, texts, (12,), seeds=(0, 1), k=3, batch_size=8, full=full)
+              if r["layer"] == layer]  # fmt: skip
+    assert row["disjoint halves, top-k overlap"] == pytest.approx(np.mean([r["disjoint_overlap"] for r in halves]))
+    assert row["halves choosing the target"] == pytest.approx(np.mean([r["same_target"] for r in halves]))
+    assert row["forget / retain affinity"] > 0 and 0 < row["UOE trainable fraction (%)"] < 100
+    assert sum(int(n) for n in re.findall(r" x(\d+)", row["targets of the halves"])) == 2  # one per seed
+    table = paper_comparison(row, label="ours")
+    assert table.loc["tokens used for attribution", "ours"] == f"{full.num_tokens:,}"
+    assert table.loc["top-6 overlap, two disjoint subsets", "paper (Qwen1.5-MoE / DeepSeek-V2-Lite)"] == "0.87 (v2)"
+    assert table.loc["parameters UOE trains"].iloc[0] == "0.06 % (Table 3)"
+    assert table.loc["top-1 affinity of the chosen layer"].iloc[0] == "0.211 (Table 7, RWKU)"

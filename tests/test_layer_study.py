@@ -242,3 +242,22 @@ def test_rank_table_ranks_layers_by_top1_affinity():
     assert table.loc["1 of 3", "top-1 affinity"] == pytest.approx(0.9) and table.loc["3 of 3", "ours UT"] == 0.5
     with pytest.raises(ValueError, match="layer 2"):
         rank_table(aff, {(2, 0): runs[(1, 0)]}, label="ours")
+
+
+def test_variants_table_puts_the_papers_note_for_each_design_choice_beside_ours():
+    from uoe_nb.layer_study import paper_notes, variants_table
+
+    def row(group, fa):
+        return {"group": group, "trainable": 10, "step": 20, "FA": fa, "UT": 0.7, "overlap forget": 0.5,
+                "overlap retain": 0.6}  # fmt: skip
+
+    rows = {"UOE": row("UOE", 0.3), "3 experts": row("experts", 0.25), "mine": row("custom", 0.2)}
+    notes = paper_notes(rows)
+    assert notes["UOE"] == "GA+UOE .5012 (Qwen) / .51 (DeepSeek); Table 5: .51"
+    assert notes["3 experts"] == "Table 5: 3 experts .4856, 6 experts .4652" and notes["mine"] == ""
+    assert paper_notes({"r": row("layer rank", 0.3)})["r"] == "Table 7: UT falls for the lowest ranks (.4262, .2355)"
+    table = variants_table(rows, label="ours (tiny)")
+    assert list(table.index) == ["UOE", "3 experts", "mine"]
+    assert table.loc["3 experts", "ours (tiny) FA"] == 0.25 and table.loc["mine", "overlap retain"] == 0.6
+    with pytest.raises(ValueError, match="no variants"):
+        variants_table({}, label="ours")

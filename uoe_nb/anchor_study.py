@@ -24,7 +24,7 @@ from torch import nn
 
 from .diagnostics import router_restored_check
 
-__all__ = ["PAPER_TABLE10", "kept_row", "mean_sd", "plot_traces", "table10", "target_trace"]
+__all__ = ["PAPER_TABLE10", "beside_table2", "kept_row", "mean_sd", "plot_traces", "table10", "target_trace"]
 
 
 # Table 10 (GA+UOE on RWKU, DeepSeek-V2-Lite): forget accuracy and utility by the anchor
@@ -161,3 +161,24 @@ def table10(sweep: pd.DataFrame, *, label: str, num_experts: int | None = None) 
     if num_experts is not None:
         table.insert(2, "α (released code)", [alpha * num_experts for alpha in table.index])
     return table
+
+
+def beside_table2(
+    runs: pd.DataFrame, *, label: str, models: Sequence[str] = ("Qwen1.5-MoE", "DeepSeek-V2-Lite")
+) -> pd.DataFrame:
+    """Each setting's mean over seeds beside the paper's GA+UOE of Table 2 (WMDP).
+
+    ``runs`` has one row per run with ``setting``, ``original FA`` / ``original UT`` and the
+    kept checkpoint's ``FA`` / ``UT``. Rows: original FA, original UT, GA+UOE FA, GA+UOE
+    UT; one column per paper model (``paper (<model>)``), then ``<label>: <setting>``.
+    """
+    from .baselines import paper_result
+
+    missing = [c for c in ("setting", "original FA", "original UT", "FA", "UT") if c not in runs.columns]
+    if missing:
+        raise KeyError(f"runs lack {missing}")
+    index = ["original FA", "original UT", "GA+UOE FA", "GA+UOE UT"]
+    columns = {f"paper ({m})": [*paper_result(m, "original", "none"), *paper_result(m, "ga", "uoe")] for m in models}
+    for name, sel in runs.groupby("setting", sort=False):
+        columns[f"{label}: {name}"] = [sel[c].mean() for c in ("original FA", "original UT", "FA", "UT")]
+    return pd.DataFrame(columns, index=index)

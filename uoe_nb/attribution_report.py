@@ -27,7 +27,10 @@ from .attribution import Affinity, expert_affinity, token_count_ranking, top_k_o
 from .routing import batches
 
 __all__ = [
+    "PAPER_FULL_OVERLAP",
     "PAPER_SUBSET_OVERLAP",
+    "attribution_summary",
+    "paper_comparison",
     "plot_affinity",
     "plot_share_vs_affinity",
     "plot_subset_stability",
@@ -38,8 +41,10 @@ __all__ = [
     "target_specificity",
 ]
 
-# The paper's later version: top-6 overlap of two disjoint 100k-token forget subsets.
+# The paper's later version: top-6 overlap of two disjoint 100k-token forget subsets, and
+# of a subset with the full set.
 PAPER_SUBSET_OVERLAP = 0.87
+PAPER_FULL_OVERLAP = 0.94
 
 
 def _ranks(values: torch.Tensor) -> torch.Tensor:
@@ -309,3 +314,92 @@ def plot_share_vs_affinity(affinity: Affinity):
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def attribution_summary(
+    model: nn.Module,
+    tokenizer,
+    forget: Sequence[str],
+    retain: Sequence[str],
+    *,
+    name: str,
+    top_k: int = 6,
+    seeds: Sequence[int] = (0, 1, 2),
+    batch_size: int = 16,
+    max_length: int = 512,
+) -> dict[str, Any]:
+    """One model's attribution in one row (Chapter 3's family table).
+
+    The target Eq. 2 picks, its top-1 affinity and specificity (forget over retain
+    affinity), the stability of the choice over disjoint halves of ``forget`` (one split
+    per seed, top-k overlap at the target layer, how often a half picks the same target
+    and which targets the halves picked), the Spearman correlation of the target layer's
+    affinities with its token counts, and the share of parameters UOE trains. ``k`` is
+    ``top_k``, or a quarter of the experts when a layer has fewer than ``2 * top_k``
+    (six of eight experts would overlap by chance).
+    """
+    from .moe import find_moe_layers
+    from .scopes import describe_scopes
+
+    device = next(model.parameters()).device
+
+    def affinity(texts: Sequence[str], part: str) -> Affinity:
+        return expert_affinity(model, batches(tokenizer, list(texts), batch_size=batch_size, max_length=max_length,
+                                              device=device), progress_desc=f"{name} {part}")  # fmt: skip
+
+    f, r = affinity(forget, "forget"), affinity(retain, "retain")
+    layer, expert = f.target
+    n = len(f.scores[layer])
+    k = top_k if n >= 2 * top_k else max(1, n // 4)
+    half = len(forget) // 2
+    stab = [row for row in subset_stability(model, tokenizer, forget, (half,), seeds=seeds, k=k, batch_size=batch_size,
+                                            max_length=max_length, full=f) if row["layer"] == layer]  # fmt: skip
+    spec = next(row for row in target_specificity(f, r) if row["layer"] == layer)
+    agree = next(row for row in ranking_agreement(f, k) if row["layer"] == layer)
+    moe_layer = next(x for x in find_moe_layers(model) if x.layer_index == layer)
+    fraction = describe_scopes(model, ["uoe"], target=f.target)[0]["fraction"]
+    targets = pd.Series([str(row["target"]) for row in stab]).value_counts()
+    return {
+        "model": name,
+        "experts (top-K)": f"{moe_layer.num_experts} (top-{moe_layer.top_k})",
+        "target (layer, expert)": f"({layer}, {expert})",
+        "tokens": f.num_tokens,
+        "top-1 affinity": f.top1(layer),
+        "forget / retain affinity": spec["forget_affinity"] / spec["retain_affinity"],
+        "disjoint halves, top-k overlap": sum(row["disjoint_overlap"] for row in stab) / len(stab),
+        "half vs full, top-k overlap": sum(row["full_overlap"] for row in stab) / len(stab),
+        "halves choosing the target": sum(row["same_target"] for row in stab) / len(stab),
+        "targets of the halves": ", ".join(f"{t} x{c}" for t, c in targets.items()),
+        "k": k,
+        "k (chance)": f"{k} ({k / n:.2f})",
+        "Spearman affinity vs counts": agree["spearman_assignments"],
+        "UOE trainable fraction (%)": 100 * fraction,
+    }
+
+
+def paper_comparison(summary: Mapping[str, Any], *, label: str) -> pd.DataFrame:
+    """What the paper reports about its attribution beside one :func:`attribution_summary`
+    row: tokens used, the chosen layer's top-1 affinity (Table 7), the subset overlaps of
+    the later version, the Spearman correlation of two rankings, and UOE's share of the
+    parameters (Table 3). Indexed by quantity; columns the paper's value and ``label``."""
+    from .baselines import PAPER_PARAMETER_RATIOS
+    from .layer_study import PAPER_TABLE7
+
+    k = summary["k"]
+    uoe_share = sorted({ratios["uoe"] for m, ratios in PAPER_PARAMETER_RATIOS.items() if m != "Mixtral-8x7B"})
+    rows = [
+        ("tokens used for attribution", "> 100,000", f"{summary['tokens']:,}"),
+        ("top-1 affinity of the chosen layer", f"{PAPER_TABLE7[1]['top-1 affinity']:.3f} (Table 7, RWKU)",
+         f"{summary['top-1 affinity']:.3f}"),
+        ("top-6 overlap, two disjoint subsets", f"{PAPER_SUBSET_OVERLAP:g} (v2)",
+         f"{summary['disjoint halves, top-k overlap']:.2f} (top-{k})"),
+        ("top-6 overlap, subset vs full set", f"{PAPER_FULL_OVERLAP:g} (v2)",
+         f"{summary['half vs full, top-k overlap']:.2f} (top-{k})"),
+        ("Spearman between two rankings", "1.0 (g vs g·||FFN||, v2)",
+         f"{summary['Spearman affinity vs counts']:.2f} (affinity vs token counts)"),
+        ("parameters UOE trains", " / ".join(f"{v:g} %" for v in uoe_share) + " (Table 3)",
+         f"{summary['UOE trainable fraction (%)']:.2f} %"),
+    ]  # fmt: skip
+    return pd.DataFrame(rows, columns=["quantity", "paper (Qwen1.5-MoE / DeepSeek-V2-Lite)", label]).set_index(
+        "quantity"
+    )

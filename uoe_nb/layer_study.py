@@ -41,6 +41,7 @@ __all__ = [
     "PAPER_TABLE5",
     "PAPER_TABLE6",
     "PAPER_TABLE7",
+    "PAPER_EVERY_LAYER",
     "Variant",
     "beside_paper",
     "compare_variants",
@@ -48,12 +49,14 @@ __all__ = [
     "layer_rank_variants",
     "mean_overlap",
     "overlap_curve",
+    "paper_notes",
     "plot_kept",
     "plot_layer_overlap",
     "random_expert_variant",
     "rank_table",
     "run_variant",
     "starting_from",
+    "variants_table",
 ]
 
 # The paper's ablations, each at FA ~ 0.25. Table 5 (GA on WMDP; the caption names no
@@ -71,6 +74,9 @@ PAPER_TABLE7: dict[int, dict[str, float]] = {
     20: {"top-1 affinity": 0.0942, "UT": 0.5441}, 23: {"top-1 affinity": 0.0844, "UT": 0.4262},
     26: {"top-1 affinity": 0.0618, "UT": 0.2355},
 }  # fmt: skip
+# Fig. 4 and its text (GA on WMDP, DeepSeek-V2-Lite): utility when the top-1 expert of
+# every layer is unlearned, and before unlearning.
+PAPER_EVERY_LAYER: dict[str, float] = {"UT": 0.247, "UT before": 0.555}
 
 
 @dataclass(frozen=True)
@@ -404,3 +410,42 @@ def rank_table(
                      "top-1 affinity": affinity.top1(layer),
                      **{f"{label} {c}": row[c] for c in ("FA", "UT", "step")}})  # fmt: skip
     return pd.DataFrame(rows).set_index("layer rank")
+
+
+def _short(x: float) -> str:
+    return f"{x:g}".removeprefix("0")  # as the paper reports it, without trailing zeros
+
+
+def paper_notes(rows: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    """What the paper reports for each variant's design choice (label -> note), by the
+    row's ``group`` (the groups this module's variants use: ``UOE``, ``layers``,
+    ``experts``, ``random expert``, ``layer rank``, ``shared``); ``""`` for other groups."""
+    from .baselines import paper_result
+
+    qwen, deepseek = (paper_result(m, "ga", "uoe")[1] for m in ("Qwen1.5-MoE", "DeepSeek-V2-Lite"))
+    lowest = sorted(PAPER_TABLE7)[-2:]
+    by_group = {
+        "UOE": f"GA+UOE {_short(qwen)} (Qwen) / {_short(deepseek)} (DeepSeek); Table 5: {_short(PAPER_TABLE5[1]['UT'])}",
+        "layers": f"Fig. 4: {_short(PAPER_EVERY_LAYER['UT'])} (DeepSeek, before {_short(PAPER_EVERY_LAYER['UT before'])})",
+        "experts": "Table 5: " + ", ".join(f"{k} experts {_short(v['UT'])}" for k, v in PAPER_TABLE5.items() if k > 1),
+        "random expert": f"Table 6, RMU: FA {_short(PAPER_TABLE6['random']['FA'])}, "
+        f"UT {_short(PAPER_TABLE6['random']['UT'])} (Qwen)",
+        "layer rank": "Table 7: UT falls for the lowest ranks ("
+        + ", ".join(_short(PAPER_TABLE7[r]["UT"]) for r in lowest) + ")",
+        "shared": "SEUF: lower than UOE",
+    }  # fmt: skip
+    return {label: by_group.get(row.get("group", ""), "") for label, row in rows.items()}
+
+
+def variants_table(rows: Mapping[str, Mapping[str, Any]], *, label: str) -> pd.DataFrame:
+    """Every variant's kept checkpoint (label -> :func:`run_variant` row) beside what the
+    paper reports for its design choice (:func:`paper_notes`): one row per variant, with
+    the trainable count, step, ``<label> FA`` / ``<label> UT`` and the mean overlaps."""
+    if not rows:
+        raise ValueError("no variants given")
+    notes = paper_notes(rows)
+    out = [{"variant": name, "paper (Qwen1.5-MoE / DeepSeek-V2-Lite)": notes[name], "trainable": row["trainable"],
+            "step": row["step"], f"{label} FA": row["FA"], f"{label} UT": row["UT"],
+            "overlap forget": row["overlap forget"], "overlap retain": row["overlap retain"]}
+           for name, row in rows.items()]  # fmt: skip
+    return pd.DataFrame(out).set_index("variant")
