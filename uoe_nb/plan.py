@@ -166,7 +166,8 @@ class Plan:
         utility_evals: int = 0,
         utility_questions: int = 0,
     ) -> PlanLine:
-        """``runs`` unlearning runs of ``steps`` optimizer steps on ``batch_size`` x ``max_length`` tokens.
+        """``runs`` training runs (unlearning, or the relearning attack's fine-tuning) of ``steps``
+        optimizer steps on ``batch_size`` x ``max_length`` tokens.
 
         ``scope`` is ``"uoe"`` or ``"full"`` (see :class:`Throughput`); ``retain`` doubles the
         tokens for methods that also take a retain batch (GradDiff, NPO with a retain term).
