@@ -77,3 +77,29 @@ def test_plot_tradeoff_draws_one_line_per_run_and_the_papers_points():
     ax = T.plot_tradeoff({"A": A, "B": B}, paper={"A": (0.3, 0.5)}, title="t")
     assert len(ax.get_lines()) == 2 + 2  # two paths, chance and operating-point lines
     assert ax.get_xlabel().startswith("forget accuracy") and ax.xaxis_inverted()
+
+
+def test_seeds_at_chosen_rate_keeps_the_first_seeds_sweep_run_and_runs_the_rest_at_its_rate():
+    from types import SimpleNamespace
+
+    from uoe_nb.tradeoff import seeds_at_chosen_rate
+
+    calls = []
+
+    def run(seed, lr):
+        calls.append((seed, lr))
+        # the larger rate reaches FA 0.3 with more utility
+        ut = 0.8 if lr == 0.01 else 0.6
+        result = SimpleNamespace(history=[SimpleNamespace(step=0, metrics={"forget_accuracy": 0.9, "utility_accuracy": 1.0}),
+                                          SimpleNamespace(step=10, metrics={"forget_accuracy": 0.25, "utility_accuracy": ut})])  # fmt: skip
+        return (seed, lr), result
+
+    done, choice = seeds_at_chosen_rate(run, [3, 4, 5], [0.001, 0.01])
+    assert choice.lr == 0.01 and choice.reached
+    assert [row for row, _ in done] == [(3, 0.01), (4, 0.01), (5, 0.01)]
+    assert calls == [(3, 0.001), (3, 0.01), (4, 0.01), (5, 0.01)]  # seed 3's sweep run is reused
+    calls.clear()
+    done, choice = seeds_at_chosen_rate(run, [3, 4], None)
+    assert choice is None and calls == [(3, None), (4, None)]
+    with pytest.raises(ValueError, match="no seeds"):
+        seeds_at_chosen_rate(run, [], [0.01])

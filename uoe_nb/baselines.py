@@ -37,7 +37,7 @@ from .diagnostics import OracleDistance, oracle_distance
 from .layer_study import Variant, run_variant, starting_from
 from .routing import batches as make_batches
 from .scopes import Scope, describe_scopes, rmu_mlps
-from .tradeoff import LEVELS, OPERATING_POINT, LearningRateChoice, choose_learning_rate, tradeoff_table
+from .tradeoff import LEVELS, OPERATING_POINT, LearningRateChoice, seeds_at_chosen_rate, tradeoff_table
 from .tradeoff import path as run_path
 from .unlearn import METHODS, UnlearnConfig, UnlearnResult
 
@@ -856,19 +856,14 @@ def run_grid(
 
     choices: dict[str, LearningRateChoice] = {}
     for baseline in baselines:
-        tried: dict[float, tuple[RunRecord, UnlearnResult]] = {}
-        lr = None
-        if lr_grid is not None:
-            # One procedure for every cell: sweep the grid on the first seed, keep the rate that
-            # reaches the operating point with the best utility; the other seeds run at that rate.
-            def run_at(rate: float, baseline=baseline, tried=tried) -> UnlearnResult:
-                tried[rate] = one(baseline, seeds[0], rate)
-                return tried[rate][1]
-
-            choices[baseline.label] = choose_learning_rate(run_at, grids[baseline.label], target=operating_target)
-            lr = choices[baseline.label].lr
-        for seed in seeds:
-            record, result = tried[lr] if (lr in tried and seed == seeds[0]) else one(baseline, seed, lr)
+        # One procedure for every cell: sweep the grid on the first seed, keep the rate that
+        # reaches the operating point with the best utility; the other seeds run at that rate.
+        grid = grids[baseline.label] if lr_grid is not None else None
+        done, choice = seeds_at_chosen_rate(lambda seed, rate, b=baseline: one(b, seed, rate), seeds, grid,
+                                            target=operating_target)  # fmt: skip
+        if choice is not None:
+            choices[baseline.label] = choice
+        for seed, (record, result) in zip(seeds, done, strict=True):
             records.append(record)
             results[(baseline.label, seed)] = result
     return BaselineGrid(model=model_name, before=before, records=records, results=results,

@@ -25,7 +25,7 @@ from torch import nn
 from .diagnostics import oracle_distance, router_restored_check
 from .layer_study import Variant, run_variant, starting_from
 from .scopes import uoe
-from .tradeoff import OPERATING_POINT, choose_learning_rate, operating_point
+from .tradeoff import OPERATING_POINT, operating_point, seeds_at_chosen_rate
 from .tradeoff import path as run_path
 from .unlearn import UnlearnConfig
 
@@ -131,17 +131,13 @@ def run_stabilisers(
 
     runs: list[StabilityRun] = []
     sweeps: dict[str, pd.DataFrame] = {}
+    if lr_grid is None:
+        raise ValueError("give lr_grid: every setting's rate comes from the one learning-rate procedure")
     for setting in settings:
-        tried: dict[float, StabilityRun] = {}
-
-        def run_at(rate: float, setting=setting, tried=tried):
-            tried[rate], result = one(setting, seeds[0], rate)
-            return result
-
-        choice = choose_learning_rate(run_at, lr_grid, target=target)
+        done, choice = seeds_at_chosen_rate(lambda seed, rate, s=setting: one(s, seed, rate), seeds, lr_grid,
+                                            target=target)  # fmt: skip
         sweeps[setting.label] = choice.table
-        for seed in seeds:
-            runs.append(tried[choice.lr] if seed == seeds[0] else one(setting, seed, choice.lr)[0])
+        runs.extend(run for run, _ in done)
     return runs, sweeps
 
 

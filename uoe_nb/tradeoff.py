@@ -35,6 +35,7 @@ __all__ = [
     "operating_point",
     "path",
     "plot_tradeoff",
+    "seeds_at_chosen_rate",
     "tradeoff_table",
     "utility_at",
 ]
@@ -169,6 +170,37 @@ def choose_learning_rate(
     else:
         best = min(sorted(grid), key=lambda lr: (rows[lr]["FA"], -rows[lr]["UT"], lr))
     return LearningRateChoice(lr=best, reached=bool(rows[best]["reached"]), table=table, runs=runs)
+
+
+def seeds_at_chosen_rate(
+    run: Callable[[int, float | None], tuple[Any, Any]],
+    seeds: Sequence[int],
+    grid: Sequence[float] | None,
+    *,
+    target: float = OPERATING_POINT,
+) -> tuple[list[tuple[Any, Any]], LearningRateChoice | None]:
+    """Every seed of one cell, its learning rate from :func:`choose_learning_rate`.
+
+    ``run(seed, lr)`` returns ``(row, result)``, the result with a history. With a ``grid``
+    the first seed sweeps it and the chosen rate's run is kept as that seed's; the other
+    seeds run at the chosen rate. Without one (``None``) every seed runs with ``lr=None``
+    (the caller's own rate). Returns one ``(row, result)`` per seed, in order, and the
+    choice (``None`` without a grid).
+    """
+    seeds = list(seeds)
+    if not seeds:
+        raise ValueError("no seeds given")
+    if grid is None:
+        return [run(seed, None) for seed in seeds], None
+    tried: dict[float, tuple[Any, Any]] = {}
+
+    def run_at(rate: float) -> Any:
+        tried[rate] = run(seeds[0], rate)
+        return tried[rate][1]
+
+    choice = choose_learning_rate(run_at, grid, target=target)
+    first = tried[choice.lr] if choice.lr in tried else run(seeds[0], choice.lr)
+    return [first, *(run(seed, choice.lr) for seed in seeds[1:])], choice
 
 
 def plot_tradeoff(
