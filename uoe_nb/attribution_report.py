@@ -229,7 +229,7 @@ def plot_affinity(forget: Affinity, retain: Affinity | None = None, *, ncols: in
     affinity on ``retain`` text (when given), so a domain-specific expert is a tall bar
     over a low dot. Returns the figure.
     """
-    from .plots import layer_panels
+    from .plots import finish_rank_panels, layer_panels
 
     if retain is not None and retain.layers != forget.layers:
         raise ValueError(f"forget and retain affinities cover different layers: {forget.layers} vs {retain.layers}")
@@ -241,13 +241,7 @@ def plot_affinity(forget: Affinity, retain: Affinity | None = None, *, ncols: in
         ax.bar(rank, forget.scores[layer][order].tolist(), color=colours, alpha=0.8, label="forget text")
         if retain is not None:
             ax.plot(rank, retain.scores[layer][order].tolist(), "k.", label="retain text, same expert")
-        ax.set_xlabel("expert rank by forget affinity")
-        ax.xaxis.get_major_locator().set_params(integer=True)  # ranks are whole numbers
-    for ax in first_column:
-        ax.set_ylabel("affinity $s_i^{(l)}$ (Eq. 2)")
-    first_column[0].legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return finish_rank_panels(fig, panels, first_column, xlabel="expert rank by forget affinity", ylabel="affinity $s_i^{(l)}$ (Eq. 2)")
 
 
 def plot_subset_stability(

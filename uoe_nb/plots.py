@@ -12,7 +12,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["layer_panels"]
+__all__ = ["finish_rank_panels", "layer_panels"]
 
 
 def layer_panels(
@@ -43,3 +43,16 @@ def layer_panels(
     for layer, ax in panels.items():
         ax.set_title(f"layer {layer}")
     return fig, panels, list(axes[:, 0])
+
+
+def finish_rank_panels(fig: Any, panels: dict[int, Any], first_column: list[Any], *, xlabel: str, ylabel: str) -> Any:
+    """Label :func:`layer_panels` whose x axis ranks experts: whole-number ticks, ``xlabel``
+    on each panel, ``ylabel`` on the first column, the legend in the first panel."""
+    for ax in panels.values():
+        ax.set_xlabel(xlabel)
+        ax.xaxis.get_major_locator().set_params(integer=True)  # ranks are whole numbers
+    for ax in first_column:
+        ax.set_ylabel(ylabel)
+    first_column[0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig

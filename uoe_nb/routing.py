@@ -93,7 +93,7 @@ def plot_expert_shares(
     layer's experts by their share (bars: forget text; dots: retain text, ranked by its
     own shares), so a long tail shows as a tall first bar falling fast. Returns the figure.
     """
-    from .plots import layer_panels
+    from .plots import finish_rank_panels, layer_panels
 
     if retain is not None and set(retain) != set(forget):
         raise ValueError(f"forget and retain shares cover different layers: {sorted(forget)} vs {sorted(retain)}")
@@ -104,10 +104,4 @@ def plot_expert_shares(
         ax.bar(rank, shares.tolist(), alpha=0.7, label="forget domain")
         if retain is not None:
             ax.plot(rank, retain[layer].sort(descending=True).values.tolist(), "k.-", label="retain text")
-        ax.set_xlabel("expert rank")
-        ax.xaxis.get_major_locator().set_params(integer=True)  # ranks are whole numbers
-    for ax in first_column:
-        ax.set_ylabel("share of assignments")
-    first_column[0].legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return finish_rank_panels(fig, panels, first_column, xlabel="expert rank", ylabel="share of assignments")
